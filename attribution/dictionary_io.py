@@ -1,0 +1,187 @@
+"""Reading and writing dictionaries in the layouts researchers share them in.
+
+Supported, all without unpickling code (``weights_only=True``, safetensors, npz):
+
+- dictionary_learning: ``ae.pt`` + ``config.json`` (``AutoEncoder`` ReLU,
+  ``AutoEncoderTopK``, ``JumpReluAutoEncoder``);
+- SAELens: ``cfg.json`` + ``sae_weights.safetensors`` (standard/relu, topk, jumprelu);
+- Gemma Scope: ``params.npz`` (JumpReLU).
+
+We write the dictionary_learning layout, so other tools read our dictionaries.
+Writes are atomic: a temporary file in the same folder, then a rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from attribution.dictionaries import SAE, Dictionary, Identity
+
+
+class DictionaryFileError(ValueError):
+    """A dictionary folder is missing, corrupt or of an unknown layout."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_torch(obj: Any, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save_dictionary(dictionary: SAE, folder: str | Path, metadata: dict | None = None) -> Path:
+    """Save an :class:`SAE` as dictionary_learning ``ae.pt`` + ``config.json``.
+
+    ``metadata`` (e.g. model id, site, training stats) is stored under the
+    config's ``"sfc"`` key; loaders of other tools ignore it.
+    """
+    folder = Path(folder)
+    cls = {"relu": "AutoEncoder", "topk": "AutoEncoderTopK", "jumprelu": "JumpReluAutoEncoder"}
+    if dictionary.activation == "relu":
+        if not dictionary.subtract_decoder_bias:
+            raise ValueError("dictionary_learning's ReLU layout subtracts the decoder bias; this SAE does not.")
+        state = {
+            "encoder.weight": dictionary.W_enc.T, "encoder.bias": dictionary.b_enc,
+            "decoder.weight": dictionary.W_dec.T, "bias": dictionary.b_dec,
+        }
+    elif dictionary.activation == "topk":
+        state = {
+            "encoder.weight": dictionary.W_enc.T, "encoder.bias": dictionary.b_enc,
+            "decoder.weight": dictionary.W_dec.T, "b_dec": dictionary.b_dec,
+            "k": torch.tensor(dictionary.k),
+        }
+    else:
+        state = {
+            "W_enc": dictionary.W_enc, "b_enc": dictionary.b_enc, "W_dec": dictionary.W_dec,
+            "b_dec": dictionary.b_dec, "threshold": dictionary.threshold,
+        }
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    trainer: dict[str, Any] = {
+        "dict_class": cls[dictionary.activation],
+        "activation_dim": dictionary.d,
+        "dict_size": dictionary.width,
+    }
+    if dictionary.activation == "topk":
+        trainer["k"] = dictionary.k
+    config = {"trainer": trainer, "sfc": metadata or {}}
+    atomic_save_torch(state, folder / "ae.pt")
+    atomic_write_bytes(folder / "config.json", json.dumps(config, indent=2).encode())
+    return folder
+
+
+def read_metadata(folder: str | Path) -> dict:
+    """The ``"sfc"`` metadata of a dictionary we wrote, or ``{}``."""
+    cfg = Path(folder) / "config.json"
+    if not cfg.exists():
+        return {}
+    try:
+        return json.loads(cfg.read_text()).get("sfc", {})
+    except json.JSONDecodeError:
+        return {}
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DictionaryFileError(f"Cannot read {path}: {exc}; re-create or re-download it.") from exc
+
+
+def _load_dictionary_learning(folder: Path) -> SAE:
+    config = _load_json(folder / "config.json") if (folder / "config.json").exists() else {}
+    trainer = config.get("trainer", {})
+    try:
+        state = torch.load(folder / "ae.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, wrong magic, pickled classes...
+        raise DictionaryFileError(
+            f"{folder / 'ae.pt'} is corrupt or not a plain state dict ({type(exc).__name__}); "
+            "delete it and rebuild or re-download the dictionary."
+        ) from exc
+    dict_class = trainer.get("dict_class", "")
+    if "W_enc" in state:  # JumpReluAutoEncoder
+        return SAE(
+            state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"], "jumprelu",
+            threshold=state["threshold"], subtract_decoder_bias=bool(trainer.get("apply_b_dec_to_input", False)),
+        )
+    W_enc = state["encoder.weight"].T  # noqa: N806
+    W_dec = state["decoder.weight"].T  # noqa: N806
+    if "TopK" in dict_class or "k" in state:
+        k = int(state["k"]) if "k" in state else int(trainer["k"])
+        return SAE(W_enc, state["encoder.bias"], W_dec, state["b_dec"], "topk", k=k)
+    return SAE(W_enc, state["encoder.bias"], W_dec, state["bias"], "relu")
+
+
+def _load_saelens(folder: Path) -> SAE:
+    from safetensors.torch import load_file
+
+    cfg = _load_json(folder / "cfg.json")
+    state = load_file(str(folder / "sae_weights.safetensors"))
+    arch = cfg.get("architecture", "standard")
+    act_fn = cfg.get("activation_fn_str") or cfg.get("activation_fn", "relu")
+    for key in ("normalize_activations",):
+        if cfg.get(key) not in (None, "none", False):
+            raise DictionaryFileError(f"SAELens option {key}={cfg[key]!r} is not supported; export without it.")
+    if cfg.get("finetuning_scaling_factor"):
+        raise DictionaryFileError("SAELens finetuning_scaling_factor is not supported; fold it into W_dec.")
+    sub = bool(cfg.get("apply_b_dec_to_input", arch != "jumprelu"))
+    common = (state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"])
+    if arch == "jumprelu":
+        return SAE(*common, "jumprelu", threshold=state["threshold"], subtract_decoder_bias=sub)
+    if arch == "topk" or act_fn == "topk":
+        k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+        return SAE(*common, "topk", k=int(k), subtract_decoder_bias=sub)
+    return SAE(*common, "relu", subtract_decoder_bias=sub)
+
+
+def _load_gemma_scope(path: Path) -> SAE:
+    with np.load(path) as npz:
+        p = {k: torch.from_numpy(npz[k]).float() for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
+    return SAE(p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"], "jumprelu",
+               threshold=p["threshold"], subtract_decoder_bias=False)
+
+
+def load_dictionary(path: str | Path) -> Dictionary:
+    """Load a dictionary from a folder (or a Gemma Scope ``params.npz``), detecting its layout.
+
+    ``"identity:D"`` returns :class:`Identity` of width ``D``.
+    """
+    if isinstance(path, str) and path.startswith("identity:"):
+        return Identity(int(path.split(":", 1)[1]))
+    path = Path(path)
+    if path.suffix == ".npz":
+        return _load_gemma_scope(path)
+    if not path.exists():
+        raise DictionaryFileError(f"No dictionary at {path}: build it with `sfc dictionaries build` or fix the path.")
+    if (path / "ae.pt").exists():
+        return _load_dictionary_learning(path)
+    if (path / "sae_weights.safetensors").exists():
+        return _load_saelens(path)
+    if (path / "params.npz").exists():
+        return _load_gemma_scope(path / "params.npz")
+    raise DictionaryFileError(
+        f"{path} holds no known dictionary layout (ae.pt + config.json, cfg.json + "
+        "sae_weights.safetensors, or params.npz)."
+    )

@@ -1,0 +1,5 @@
+import sys
+
+from sfc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,46 @@
+"""``sfc``: command line entry point.
+
+Each subcommand lives in its own module with ``add_parser(subparsers)`` and a
+``run(args)`` function; this file only wires them together, and imports them
+lazily so that ``sfc --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "dictionaries": "sfc.cmd_dictionaries",
+    "discover": "sfc.cmd_discover",
+    "evaluate": "sfc.cmd_evaluate",
+    "view": "sfc.cmd_view",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sfc", description="Sparse feature circuits toolkit.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                continue
+            raise
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"sfc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
