@@ -15,7 +15,15 @@ import torch
 from nnsight import NNsight
 from torch import Tensor
 
-from attribution.sites import AttnHook, Site, SiteKind, SITE_KINDS, all_sites, architecture_of, select_sites
+from attribution.sites import (
+    SITE_KINDS,
+    AttnHook,
+    Site,
+    SiteKind,
+    all_sites,
+    architecture_of,
+    select_sites,
+)
 
 
 @dataclass

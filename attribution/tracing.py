@@ -65,7 +65,8 @@ def run(
     """One forward pass through nnsight; see the module docstring for ``mode``."""
     replace = replace or {}
     out = Trace()
-    grad_ctx = torch.enable_grad() if mode != "read" else torch.no_grad()
+    needs_grad = mode != "read" or any(t.requires_grad for t in replace.values())
+    grad_ctx = torch.enable_grad() if needs_grad else torch.no_grad()
     with grad_ctx, model.nn.trace(batch.input_ids, attention_mask=batch.attention_mask):
         for site in sites:
             envoy = _envoy(model, site)

@@ -1,0 +1,281 @@
+"""Edge effects between adjacent sites (SPEC §3; paper App. A.1, Eq. 5).
+
+For an upstream node ``u`` and a downstream node ``d``,
+
+    ÎE(m; u → d) = ∇_d m · ∇_{u, stop(M)} d · (u_patch − u_clean),
+
+where the nodes ``M`` between them are held at their clean values. ``∇_d m``
+is the gradient the node effects used (IG-averaged for ``ig``).
+
+How it is computed here:
+
+1. One clean forward pass in which every site's output is replaced by a
+   detached leaf of equal value (:func:`attribution.tracing.run`, ``frozen``).
+   A site's recorded activation then depends only on the leaves of the sites
+   directly upstream of it: the stop-gradients on ``M`` come for free, and
+   "adjacent" is whatever the chosen sites make adjacent.
+2. Each selected downstream node becomes a *seed* on its site's activation
+   ``x_d``: for feature ``k`` it is ``(∇_{f_k} m) ∂f_k/∂x_d``; for the error
+   node it is ``(∇_ε m) ∂ε/∂x_d`` (the JVP trick of App. A.3: one seed replaces
+   ``d`` of them). Seeds are per position, so they come from one small local
+   backward through the dictionary.
+3. Examples never interact, so one backward pass can carry one node of *every*
+   example: node ``i`` of each example goes into "slot" ``i``. The slots are
+   pushed through the model together with a batched vector-Jacobian product
+   (``torch.autograd.grad(..., is_grads_batched=True)``), in chunks sized to a
+   memory budget, never one backward per node.
+4. The gradient at an upstream site's leaf, ``G [d_u]`` per position, gives
+   every upstream node at once: ``G · W_dec[j] Δf_j`` for feature ``j`` and
+   ``G · Δe`` for the error node. Only features whose state changes
+   (``Δf_j ≠ 0``) can carry an edge, so only those are computed and stored.
+
+Edges *out of* error nodes come from the same gradient ``G``: no gradient is
+ever zeroed before it is read (the reference implementation's ordering bug).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from attribution import tracing
+from attribution.dictionaries import Dictionary
+from attribution.effects import Aggregation, NodeEffects, wide
+from attribution.models import SFCModel
+
+Selection = Literal["position", "aggregate"]
+
+
+@dataclass
+class SiteEdges:
+    """Sparse edge weights from one upstream site into one downstream site.
+
+    ``index [5, nnz]`` holds ``(example, down_position, down_node, up_position,
+    up_node)``; a node index equal to the site's width ``F`` is its error node.
+    ``weight [nnz]`` holds the edge weights (Eq. 5). Zero weights are not stored.
+    """
+
+    upstream: str
+    downstream: str
+    index: Tensor
+    weight: Tensor
+    down_width: int
+    up_width: int
+
+    def aggregate(self, how: Aggregation, n_examples: int) -> tuple[Tensor, Tensor]:
+        """Mean over examples (SPEC §4.2); ``sum`` also sums over both positions.
+
+        Returns ``(index, weight)``: index rows ``(down_pos, down_node, up_pos,
+        up_node)`` for ``none``, ``(down_node, up_node)`` for ``sum``.
+        """
+        keep = [1, 2, 3, 4] if how == "none" else [2, 4]
+        idx, inv = torch.unique(self.index[keep], dim=1, return_inverse=True)
+        w = torch.zeros(idx.shape[1], dtype=self.weight.dtype, device=self.weight.device).index_add_(0, inv, self.weight)
+        return idx, w / n_examples
+
+    def to_dense(self, batch: int, seq: int) -> Tensor:
+        """``[b, s, F_d + 1, s, F_u + 1]`` dense weights (for tests and small models)."""
+        out = torch.zeros(batch, seq, self.down_width + 1, seq, self.up_width + 1)
+        out[tuple(self.index)] = self.weight
+        return out
+
+
+@dataclass
+class EdgeEffects:
+    """All edges of a run: ``pairs[(upstream, downstream)]`` and edges into the metric.
+
+    ``to_metric[site] = (features [b, s, F], errors [b, s])``: the edge weights from
+    a site's nodes straight into the metric, with every other site frozen
+    (for the last residual site these equal its node effects).
+    """
+
+    pairs: dict[tuple[str, str], SiteEdges] = field(default_factory=dict)
+    to_metric: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    n_examples: int = 0
+    n_selected: dict[str, int] = field(default_factory=dict)
+    n_backward_slots: int = 0
+
+
+def select_downstream(
+    effects: NodeEffects, threshold: float, selection: Selection = "position", aggregation: Aggregation = "none"
+) -> dict[str, Tensor]:
+    """Which nodes get incoming edges: ``[b, s, F + 1]`` boolean masks per site.
+
+    ``position``: ``|effect| > threshold`` per example, position and node (the
+    reference's rule). ``aggregate``: a node is selected wherever it is active
+    if its aggregated effect (per ``aggregation``) passes the threshold, so a
+    feature that only passes after summing over positions still gets edges.
+    """
+    out = {}
+    agg_f, agg_e = effects.aggregate(aggregation) if selection == "aggregate" else ({}, {})
+    for name in effects.features:
+        eff = torch.cat([effects.features[name], effects.errors[name][..., None]], dim=-1)
+        if selection == "position":
+            out[name] = eff.abs() > threshold
+            continue
+        agg = torch.cat([agg_f[name], agg_e[name][..., None]], dim=-1)
+        passed = (agg.abs() > threshold).expand_as(eff) if aggregation == "sum" else (agg.abs() > threshold)[None].expand_as(eff)
+        out[name] = passed & (eff != 0)
+    return out
+
+
+def _seeds(
+    x: Tensor, dic: Dictionary, grad: Tensor, nodes: Tensor
+) -> Tensor:
+    """Per-node seeds on a downstream site's activation, ``[n, d]``.
+
+    ``x [b, s, d]`` clean activation, ``grad [b, s, d]`` = ∇_x m, ``nodes [n, 3]``
+    rows ``(example, position, node)`` with node ``F`` the error. Each node gets
+    its own copy of its position's activation, so one backward yields all seeds.
+    """
+    width = dic.width
+    rows = x[nodes[:, 0], nodes[:, 1]].detach().clone().requires_grad_()
+    g = grad[nodes[:, 0], nodes[:, 1]]
+    with torch.enable_grad():
+        f = dic.encode(rows)
+        is_err = nodes[:, 2] == width
+        feat = nodes[:, 2].clamp(max=width - 1)
+        # ∇_{f_k} m = ∇_x m · W_dec[k]: the node effects' gradient projected on k.
+        coef = (g * dic.W_dec[feat]).sum(-1)
+        value = torch.where(is_err, torch.zeros_like(coef), coef * f.gather(1, feat[:, None])[:, 0])
+        err = rows - dic.decode(f)
+        value = value + torch.where(is_err, (g * err).sum(-1), torch.zeros_like(coef))
+        (seed,) = torch.autograd.grad(value.sum(), rows)
+    return seed
+
+
+def _upstream_weights(
+    G: Tensor, nodes_ex: Tensor, delta_f: Tensor, delta_e: Tensor, dic: Dictionary  # noqa: N803
+) -> tuple[Tensor, Tensor]:
+    """Edge weights from every changed upstream node into ``n`` downstream nodes.
+
+    ``G [n, s, d_u]``: gradient at the upstream leaf for each downstream node,
+    whose example is ``nodes_ex [n]``. Returns ``(index [4, nnz], weight [nnz])``
+    with index rows ``(node_row, up_position, up_node)`` plus a spare row.
+    """
+    width = dic.width
+    out_idx, out_w = [], []
+    for ex in nodes_ex.unique().tolist():
+        which = (nodes_ex == ex).nonzero()[:, 0]
+        Gx = G[which]  # noqa: N806  [n_x, s, d]
+        pos, feat = delta_f[ex].nonzero(as_tuple=True)
+        if len(pos):
+            vec = delta_f[ex, pos, feat, None] * dic.W_dec[feat]  # [E, d]
+            w = (Gx[:, pos, :] * vec).sum(-1)  # [n_x, E]
+            r, e = w.nonzero(as_tuple=True)
+            out_idx.append(torch.stack([which[r], pos[e], feat[e]]))
+            out_w.append(w[r, e])
+        we = (Gx * delta_e[ex][None]).sum(-1)  # [n_x, s]
+        r, p = we.nonzero(as_tuple=True)
+        out_idx.append(torch.stack([which[r], p, torch.full_like(p, width)]))
+        out_w.append(we[r, p])
+    return torch.cat(out_idx, dim=1), torch.cat(out_w)
+
+
+def edge_effects(
+    model: SFCModel,
+    dictionaries: dict[str, Dictionary],
+    clean,
+    effects: NodeEffects,
+    metric: tracing.Metric,
+    *,
+    node_threshold: float = 0.1,
+    selection: Selection = "position",
+    aggregation: Aggregation = "none",
+    downstream: dict[str, Tensor] | None = None,
+    memory_budget_mb: float = 1024.0,
+    progress: bool = True,
+) -> EdgeEffects:
+    """Eq. 5 edge weights into every selected downstream node, from every changed
+    upstream node at the sites adjacent to it, plus edges into the metric.
+
+    ``downstream`` (``[b, s, F + 1]`` boolean masks per site) overrides the
+    selection by ``node_threshold`` (see :func:`select_downstream`).
+    ``effects`` must come from ``attrib`` or ``ig`` (exact patching has no gradients).
+    """
+    if any(g is None for g in effects.grads.values()):
+        raise ValueError("Edges need gradients: compute node effects with method 'attrib' or 'ig', not 'exact'.")
+    batch = model.tokenize(clean)
+    sites = effects.sites
+    b, s = batch.input_ids.shape
+    if (b, s) != tuple(effects.mask.shape):
+        raise ValueError("The clean prompts differ from those the node effects were computed on.")
+    selected = downstream if downstream is not None else select_downstream(
+        effects, node_threshold, selection, aggregation
+    )
+    rows = torch.arange(b, device=batch.input_ids.device)
+    tr = tracing.run(model, batch, sites, metric, rows, "frozen")
+    leaves = tr.leaves
+    result = EdgeEffects(n_examples=b)
+
+    # Edges into the metric: one backward through the frozen graph.
+    names = [st.name for st in sites]
+    gm = torch.autograd.grad(tr.metric.sum(), [leaves[n] for n in names], retain_graph=True, allow_unused=True)
+    for name, g in zip(names, gm):
+        if g is None:
+            continue
+        g = wide(g)
+        dic = dictionaries[name]
+        result.to_metric[name] = (
+            (g @ dic.W_dec.T) * effects.delta_features[name], (g * effects.delta_errors[name]).sum(-1)
+        )
+
+    work = [st for st in sites if selected.get(st.name) is not None and selected[st.name].any()]
+    bar = tqdm(total=sum(int(selected[st.name].sum()) for st in work), desc="edges", unit="node",
+               disable=not progress)
+    for i_d, down in enumerate(sites):
+        if down not in work:
+            continue
+        x_d = tr.acts[down.name]
+        ups = [u for u in sites[:i_d]]
+        if not x_d.requires_grad or not ups:
+            bar.update(int(selected[down.name].sum()))
+            continue
+        nodes = selected[down.name].nonzero()  # [n, 3] (example, position, node)
+        result.n_selected[down.name] = len(nodes)
+        seeds = _seeds(x_d, dictionaries[down.name], effects.grads[down.name], nodes)
+        # Slot i of the batched backward carries the i-th selected node of every example.
+        counts = torch.bincount(nodes[:, 0], minlength=b)
+        order = torch.argsort(nodes[:, 0], stable=True)
+        slot = torch.cat([torch.arange(int(c), device=nodes.device) for c in counts])[order.argsort()]
+        n_slots = int(counts.max())
+        # Memory per slot: the upstream gradients plus the backward's activations,
+        # roughly a forward pass of the batch per slot.
+        per_slot = b * s * sum(u.d for u in ups) * 4 + b * s * x_d.shape[-1] * 4 * 24
+        chunk = max(1, int(memory_budget_mb * 2**20 // per_slot))
+        acc_idx, acc_w = {u.name: [] for u in ups}, {u.name: [] for u in ups}
+        for start in range(0, n_slots, chunk):
+            stop = min(start + chunk, n_slots)
+            in_chunk = ((slot >= start) & (slot < stop)).nonzero()[:, 0]
+            seed = torch.zeros(stop - start, *x_d.shape, dtype=x_d.dtype, device=x_d.device)
+            nd = nodes[in_chunk]
+            seed[slot[in_chunk] - start, nd[:, 0], nd[:, 1]] = seeds[in_chunk].to(x_d.dtype)
+            grads = torch.autograd.grad(
+                x_d, [leaves[u.name] for u in ups], grad_outputs=seed,
+                is_grads_batched=True, retain_graph=True, allow_unused=True,
+            )
+            result.n_backward_slots += stop - start
+            for up, G in zip(ups, grads):  # noqa: N806
+                if G is None:
+                    continue
+                Gn = wide(G[slot[in_chunk] - start, nd[:, 0]])  # noqa: N806  [n, s, d_u]
+                idx, w = _upstream_weights(
+                    Gn, nd[:, 0], effects.delta_features[up.name], effects.delta_errors[up.name],
+                    dictionaries[up.name],
+                )
+                r = in_chunk[idx[0]]
+                acc_idx[up.name].append(torch.stack([nodes[r, 0], nodes[r, 1], nodes[r, 2], idx[1], idx[2]]))
+                acc_w[up.name].append(w)
+            bar.update(len(in_chunk))
+        for up in ups:
+            if acc_idx[up.name]:
+                result.pairs[(up.name, down.name)] = SiteEdges(
+                    up.name, down.name, torch.cat(acc_idx[up.name], 1), torch.cat(acc_w[up.name]),
+                    dictionaries[down.name].width, dictionaries[up.name].width,
+                )
+    bar.close()
+    return result
