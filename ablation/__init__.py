@@ -1,0 +1,50 @@
+"""Interventions that ablate nodes: faithfulness and completeness of circuits (SPEC §5)."""
+
+from ablation.evaluate import (
+    Ablation,
+    AblationKind,
+    ErrorHandling,
+    FaithfulnessResult,
+    SiteAblation,
+    ablated_metric,
+    check_masks,
+    check_options,
+    endpoints,
+    evaluate_circuit,
+    evaluated_sites,
+    faithfulness,
+    prepare_ablation,
+    resample_rows,
+    run_with_ablations,
+    score,
+)
+from ablation.masks import NodeMask, layer_of, masks_from_effects, n_nodes, random_masks_like
+from ablation.sweep import CurvePoint, SelectNodes, curve_figure, sweep
+
+__all__ = [
+    "Ablation",
+    "AblationKind",
+    "CurvePoint",
+    "ErrorHandling",
+    "FaithfulnessResult",
+    "NodeMask",
+    "SelectNodes",
+    "SiteAblation",
+    "ablated_metric",
+    "check_masks",
+    "check_options",
+    "curve_figure",
+    "endpoints",
+    "evaluate_circuit",
+    "evaluated_sites",
+    "faithfulness",
+    "layer_of",
+    "masks_from_effects",
+    "n_nodes",
+    "prepare_ablation",
+    "random_masks_like",
+    "resample_rows",
+    "run_with_ablations",
+    "score",
+    "sweep",
+]

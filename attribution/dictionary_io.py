@@ -86,6 +86,9 @@ def save_dictionary(dictionary: SAE, folder: str | Path, metadata: dict | None =
     }
     if dictionary.activation == "topk":
         trainer["k"] = dictionary.k
+        if not dictionary.subtract_decoder_bias:
+            raise ValueError("dictionary_learning's TopK layout subtracts the decoder bias; this SAE does not.")
+    trainer["apply_b_dec_to_input"] = dictionary.subtract_decoder_bias
     config = {"trainer": trainer, "sfc": metadata or {}}
     atomic_save_torch(state, folder / "ae.pt")
     atomic_write_bytes(folder / "config.json", json.dumps(config, indent=2).encode())
@@ -121,6 +124,13 @@ def _load_dictionary_learning(folder: Path) -> SAE:
             "delete it and rebuild or re-download the dictionary."
         ) from exc
     dict_class = trainer.get("dict_class", "")
+    known = [{"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}, {"encoder.weight", "encoder.bias", "decoder.weight"}]
+    if not isinstance(state, dict) or not any(keys <= set(state) for keys in known):
+        found = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
+        raise DictionaryFileError(
+            f"{folder / 'ae.pt'} is not a dictionary_learning state dict (found {found}); expected "
+            "encoder.weight/encoder.bias/decoder.weight or W_enc/b_enc/W_dec/b_dec/threshold."
+        )
     if "W_enc" in state:  # JumpReluAutoEncoder
         return SAE(
             state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"], "jumprelu",
@@ -171,10 +181,10 @@ def load_dictionary(path: str | Path) -> Dictionary:
     if isinstance(path, str) and path.startswith("identity:"):
         return Identity(int(path.split(":", 1)[1]))
     path = Path(path)
-    if path.suffix == ".npz":
-        return _load_gemma_scope(path)
     if not path.exists():
         raise DictionaryFileError(f"No dictionary at {path}: build it with `sfc dictionaries build` or fix the path.")
+    if path.suffix == ".npz":
+        return _load_gemma_scope(path)
     if (path / "ae.pt").exists():
         return _load_dictionary_learning(path)
     if (path / "sae_weights.safetensors").exists():

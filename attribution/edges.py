@@ -43,7 +43,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from attribution import tracing
-from attribution.dictionaries import Dictionary
+from attribution.dictionaries import SAE, Dictionary
 from attribution.effects import Aggregation, NodeEffects, wide
 from attribution.models import SFCModel
 
@@ -89,8 +89,9 @@ class EdgeEffects:
     """All edges of a run: ``pairs[(upstream, downstream)]`` and edges into the metric.
 
     ``to_metric[site] = (features [b, s, F], errors [b, s])``: the edge weights from
-    a site's nodes straight into the metric, with every other site frozen
-    (for the last residual site these equal its node effects).
+    a site's nodes straight into the metric, with every other site frozen. The
+    last site has nothing downstream to freeze, so its edges into the metric are
+    its node effects (IG-estimated when the node effects are; SPEC §3.3).
     """
 
     pairs: dict[tuple[str, str], SiteEdges] = field(default_factory=dict)
@@ -123,24 +124,37 @@ def select_downstream(
     return out
 
 
-def _seeds(
-    x: Tensor, dic: Dictionary, grad: Tensor, nodes: Tensor
-) -> Tensor:
+def _seeds(x: Tensor, dic: Dictionary, grad: Tensor, nodes: Tensor) -> Tensor:
     """Per-node seeds on a downstream site's activation, ``[n, d]``.
 
     ``x [b, s, d]`` clean activation, ``grad [b, s, d]`` = ∇_x m, ``nodes [n, 3]``
-    rows ``(example, position, node)`` with node ``F`` the error. Each node gets
-    its own copy of its position's activation, so one backward yields all seeds.
+    rows ``(example, position, node)`` with node ``F`` the error. The left factor
+    of a feature node is ``∇_{f_k} m = ∇_x m · W_dec[k]``; of the error node,
+    ``∇_ε m = ∇_x m`` (the error enters the activation additively).
     """
     width = dic.width
-    rows = x[nodes[:, 0], nodes[:, 1]].detach().clone().requires_grad_()
     g = grad[nodes[:, 0], nodes[:, 1]]
+    is_err = nodes[:, 2] == width
+    feat = nodes[:, 2].clamp(max=width - 1)
+    coef = (g * dic.W_dec[feat]).sum(-1)
+    if isinstance(dic, SAE):
+        # ReLU, JumpReLU and TopK share ∂f_k/∂x = 1[f_k ≠ 0] W_enc[:, k] (the active
+        # set is locally constant), so seeds need no backward through the encoder.
+        pos, inverse = torch.unique(nodes[:, :2], dim=0, return_inverse=True)
+        with torch.no_grad():
+            active = dic.encode(x[pos[:, 0], pos[:, 1]]) != 0  # [P, F]
+        on = active[inverse, feat]
+        seed = torch.where(on & ~is_err, coef, torch.zeros_like(coef))[:, None] * dic.W_enc.T[feat]
+        if is_err.any():
+            e = is_err.nonzero()[:, 0]
+            a = g[e]  # A = ∇_ε m; seed = A (I - ∂x_hat/∂x)^T = A - W_enc (1[f≠0] ⊙ W_dec A)
+            back = (a @ dic.W_dec.T) * active[inverse[e]]
+            seed[e] = a - back @ dic.W_enc.T
+        return seed
+    # Any other dictionary: one local backward, each node on its own copy of its row.
+    rows = x[nodes[:, 0], nodes[:, 1]].detach().clone().requires_grad_()
     with torch.enable_grad():
         f = dic.encode(rows)
-        is_err = nodes[:, 2] == width
-        feat = nodes[:, 2].clamp(max=width - 1)
-        # ∇_{f_k} m = ∇_x m · W_dec[k]: the node effects' gradient projected on k.
-        coef = (g * dic.W_dec[feat]).sum(-1)
         value = torch.where(is_err, torch.zeros_like(coef), coef * f.gather(1, feat[:, None])[:, 0])
         err = rows - dic.decode(f)
         value = value + torch.where(is_err, (g * err).sum(-1), torch.zeros_like(coef))
@@ -148,34 +162,67 @@ def _seeds(
     return seed
 
 
+@dataclass
+class _Changed:
+    """An upstream site's changed nodes for one example, grouped by position.
+
+    ``vec [s, E, d]``: ``Δf_j W_dec[j]`` for the ``E`` (padded) changed features
+    at each position, ``feat [s, E]`` their indices (``-1`` = padding), and
+    ``err [s, d]``: ``Δe``. Edge weights into a node with upstream gradient
+    ``G [s, d]`` are then ``G · vec`` and ``G · err``.
+    """
+
+    vec: Tensor
+    feat: Tensor
+    err: Tensor
+
+
+def _changed_nodes(delta_f: Tensor, delta_e: Tensor, dic: Dictionary) -> list[_Changed]:
+    out = []
+    for ex in range(delta_f.shape[0]):
+        pos, feat = delta_f[ex].nonzero(as_tuple=True)
+        seq = delta_f.shape[1]
+        counts = torch.bincount(pos, minlength=seq)
+        width = int(counts.max()) if len(pos) else 0
+        slot = torch.arange(len(pos), device=pos.device) - torch.cumsum(counts, 0)[pos] + counts[pos]
+        vec = torch.zeros(seq, width, dic.W_dec.shape[1], dtype=delta_e.dtype,
+                          device=delta_e.device)
+        ids = torch.full((seq, width), -1, dtype=torch.long, device=pos.device)
+        vec[pos, slot] = delta_f[ex, pos, feat, None] * dic.W_dec[feat]
+        ids[pos, slot] = feat
+        out.append(_Changed(vec, ids, delta_e[ex]))
+    return out
+
+
 def _upstream_weights(
-    G: Tensor, nodes_ex: Tensor, delta_f: Tensor, delta_e: Tensor, dic: Dictionary  # noqa: N803
+    G: Tensor, nodes_ex: Tensor, changed: list[_Changed], width: int  # noqa: N803
 ) -> tuple[Tensor, Tensor]:
     """Edge weights from every changed upstream node into ``n`` downstream nodes.
 
     ``G [n, s, d_u]``: gradient at the upstream leaf for each downstream node,
-    whose example is ``nodes_ex [n]``. Returns ``(index [4, nnz], weight [nnz])``
-    with index rows ``(node_row, up_position, up_node)`` plus a spare row.
+    whose example is ``nodes_ex [n]``. Returns ``(index [3, nnz], weight [nnz])``
+    with index rows ``(node_row, up_position, up_node)``; ``up_node == width``
+    is the upstream error node.
     """
-    width = dic.width
     out_idx, out_w = [], []
     for ex in nodes_ex.unique().tolist():
         which = (nodes_ex == ex).nonzero()[:, 0]
         Gx = G[which]  # noqa: N806  [n_x, s, d]
-        pos, feat = delta_f[ex].nonzero(as_tuple=True)
-        if len(pos):
-            vec = delta_f[ex, pos, feat, None] * dic.W_dec[feat]  # [E, d]
-            w = (Gx[:, pos, :] * vec).sum(-1)  # [n_x, E]
-            r, e = w.nonzero(as_tuple=True)
-            out_idx.append(torch.stack([which[r], pos[e], feat[e]]))
-            out_w.append(w[r, e])
-        we = (Gx * delta_e[ex][None]).sum(-1)  # [n_x, s]
+        ch = changed[ex]
+        if ch.vec.shape[1]:
+            # One batched matmul over positions: [s, n_x, d] @ [s, d, E] -> [s, n_x, E].
+            w = torch.bmm(Gx.transpose(0, 1), ch.vec.transpose(1, 2)) * (ch.feat >= 0)[:, None, :]
+            p, r, e = w.nonzero(as_tuple=True)
+            out_idx.append(torch.stack([which[r], p, ch.feat[p, e]]))
+            out_w.append(w[p, r, e])
+        we = (Gx * ch.err[None]).sum(-1)  # [n_x, s]
         r, p = we.nonzero(as_tuple=True)
         out_idx.append(torch.stack([which[r], p, torch.full_like(p, width)]))
         out_w.append(we[r, p])
     return torch.cat(out_idx, dim=1), torch.cat(out_w)
 
 
+@torch.enable_grad()
 def edge_effects(
     model: SFCModel,
     dictionaries: dict[str, Dictionary],
@@ -208,7 +255,8 @@ def edge_effects(
         effects, node_threshold, selection, aggregation
     )
     rows = torch.arange(b, device=batch.input_ids.device)
-    tr = tracing.run(model, batch, sites, metric, rows, "frozen")
+    tr = tracing.run(model, batch, sites, metric, rows, "frozen",
+                     positions=effects.info.get("metric_positions", "all"))
     leaves = tr.leaves
     result = EdgeEffects(n_examples=b)
 
@@ -218,12 +266,16 @@ def edge_effects(
     for name, g in zip(names, gm):
         if g is None:
             continue
+        if name == names[-1]:
+            result.to_metric[name] = (effects.features[name], effects.errors[name])
+            continue
         g = wide(g)
         dic = dictionaries[name]
         result.to_metric[name] = (
             (g @ dic.W_dec.T) * effects.delta_features[name], (g * effects.delta_errors[name]).sum(-1)
         )
 
+    changed: dict[str, list[_Changed]] = {}
     work = [st for st in sites if selected.get(st.name) is not None and selected[st.name].any()]
     bar = tqdm(total=sum(int(selected[st.name].sum()) for st in work), desc="edges", unit="node",
                disable=not progress)
@@ -263,10 +315,11 @@ def edge_effects(
                 if G is None:
                     continue
                 Gn = wide(G[slot[in_chunk] - start, nd[:, 0]])  # noqa: N806  [n, s, d_u]
-                idx, w = _upstream_weights(
-                    Gn, nd[:, 0], effects.delta_features[up.name], effects.delta_errors[up.name],
-                    dictionaries[up.name],
-                )
+                if up.name not in changed:
+                    changed[up.name] = _changed_nodes(
+                        effects.delta_features[up.name], effects.delta_errors[up.name], dictionaries[up.name]
+                    )
+                idx, w = _upstream_weights(Gn, nd[:, 0], changed[up.name], dictionaries[up.name].width)
                 r = in_chunk[idx[0]]
                 acc_idx[up.name].append(torch.stack([nodes[r, 0], nodes[r, 1], nodes[r, 2], idx[1], idx[2]]))
                 acc_w[up.name].append(w)

@@ -149,10 +149,11 @@ def _states(
     patch: Batch | None,
     metric: tracing.Metric,
     ablation: Ablation,
+    positions: tracing.MetricPositions = "all",
 ) -> _States:
     rows = torch.arange(len(clean), device=clean.input_ids.device)
-    run_c = tracing.run(model, clean, sites, metric, rows, "read")
-    run_p = tracing.run(model, patch, sites, metric, rows, "read") if patch is not None else None
+    run_c = tracing.run(model, clean, sites, metric, rows, "read", positions=positions)
+    run_p = tracing.run(model, patch, sites, metric, rows, "read", positions=positions) if patch is not None else None
     mask = clean.attention_mask[..., None]
     x_c, x_p, f_c, d_f, d_e = {}, {}, {}, {}, {}
     for site in sites:
@@ -192,9 +193,10 @@ def project_effects(
     return feature_grads * delta_f, (grad * delta_e).sum(-1)
 
 
+@torch.enable_grad()
 def attribution_patching(
     model: SFCModel, sites: list[Site], dictionaries: dict[str, Dictionary], clean: Batch,
-    st: _States, metric: tracing.Metric,
+    st: _States, metric: tracing.Metric, positions: tracing.MetricPositions = "all",
 ) -> dict[str, Tensor]:
     """Eq. 3: ``ÎE_atp = ∇_a m |_{clean} · (a_patch − a_clean)``.
 
@@ -203,7 +205,7 @@ def attribution_patching(
     Returns ``grads[site] [b, s, d]``.
     """
     rows = torch.arange(len(clean), device=clean.input_ids.device)
-    tr = tracing.run(model, clean, sites, metric, rows, "total")
+    tr = tracing.run(model, clean, sites, metric, rows, "total", positions=positions)
     tensors = [tr.acts[s.name] for s in sites]
     grads = torch.autograd.grad(tr.metric.sum(), tensors, allow_unused=True)
     return {s.name: wide((g if g is not None else torch.zeros_like(t)).detach())
@@ -225,9 +227,11 @@ def ig_alphas(steps: int, points: IGPoints) -> Tensor:
     return 1.0 - alpha if points == "paper" else alpha
 
 
+@torch.enable_grad()
 def integrated_gradients(
     model: SFCModel, sites: list[Site], clean: Batch, st: _States, metric: tracing.Metric,
     steps: int = 10, points: IGPoints = "paper", max_rows: int = 1024, progress: bool = True,
+    positions: tracing.MetricPositions = "all",
 ) -> dict[str, Tensor]:
     """Eq. 4: the mean gradient along the straight path from clean to patch state
     of one site at a time (other sites keep the model's own values).
@@ -251,7 +255,8 @@ def integrated_gradients(
             path = (xc[None] + w[:, None, None, None] * (xp - xc)[None]).reshape(n * b, *xc.shape[1:])
             path = path.detach().requires_grad_()
             rows = torch.arange(b, device=xc.device).repeat(n)
-            tr = tracing.run(model, clean.repeat(n), [site], metric, rows, "read", replace={site.name: path})
+            tr = tracing.run(model, clean.repeat(n), [site], metric, rows, "read", replace={site.name: path},
+                             positions=positions)
             (g,) = torch.autograd.grad(tr.metric.sum(), [path])
             total += g.reshape(n, *xc.shape).sum(0)
         grads[site.name] = total / steps
@@ -262,6 +267,7 @@ def integrated_gradients(
 def exact_patching(
     model: SFCModel, sites: list[Site], dictionaries: dict[str, Dictionary], clean: Batch,
     st: _States, metric: tracing.Metric, max_rows: int = 256, progress: bool = True,
+    positions: tracing.MetricPositions = "all",
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Eq. 2: ``IE = m(x_clean | do(node = patch)) − m(x_clean)``, one node at a time.
 
@@ -288,7 +294,8 @@ def exact_patching(
             rows = ex[sl]
             x = xc[rows].clone()
             x[torch.arange(len(rows)), pos[sl]] += vec[sl]
-            tr = tracing.run(model, clean.rows(rows), [site], metric, rows, "read", replace={site.name: x})
+            tr = tracing.run(model, clean.rows(rows), [site], metric, rows, "read", replace={site.name: x},
+                             positions=positions)
             out[sl] = tr.metric - st.metric_clean[rows]
         fe = torch.zeros_like(df)
         fe[f_idx[:, 0], f_idx[:, 1], f_idx[:, 2]] = out[: len(f_idx)]
@@ -311,6 +318,7 @@ def node_effects(
     ig_points: IGPoints = "paper",
     ablation: Ablation = "zero",
     max_rows: int = 1024,
+    metric_positions: tracing.MetricPositions = "all",
     progress: bool = True,
 ) -> NodeEffects:
     """Indirect effects of every feature and error node at ``sites`` on ``metric``.
@@ -320,7 +328,9 @@ def node_effects(
     means). ``method``: ``attrib`` (Eq. 3), ``ig`` (Eq. 4, ``steps`` points,
     ``ig_points`` choosing the paper's or the reference code's endpoints) or
     ``exact`` (Eq. 2). ``metric(logits, rows) -> [n]``, see
-    :data:`attribution.tracing.Metric`.
+    :data:`attribution.tracing.Metric`; with ``metric_positions="last"`` it
+    receives the last position's logits only (``[n, 1, vocab]``), which is much
+    cheaper for large vocabularies.
     """
     if sites is None:
         sites = [s for s in model.all_sites() if s.name in dictionaries]
@@ -332,19 +342,21 @@ def node_effects(
     _check_inputs(model, sites, dictionaries, clean_b, patch_b)
     if method not in ("attrib", "ig", "exact"):
         raise ValueError(f"Unknown method {method!r}: choose 'attrib', 'ig' or 'exact'.")
-    st = _states(model, sites, dictionaries, clean_b, patch_b, metric, ablation)
+    pos = metric_positions
+    st = _states(model, sites, dictionaries, clean_b, patch_b, metric, ablation, pos)
 
     grads: dict[str, Tensor | None]
     if method == "exact":
-        feats, errs = exact_patching(model, sites, dictionaries, clean_b, st, metric, progress=progress)
+        feats, errs = exact_patching(model, sites, dictionaries, clean_b, st, metric, progress=progress,
+                                     positions=pos)
         grads = {s.name: None for s in sites}
     else:
         if method == "attrib":
-            grads = attribution_patching(model, sites, dictionaries, clean_b, st, metric)
+            grads = attribution_patching(model, sites, dictionaries, clean_b, st, metric, pos)
         else:
             grads = integrated_gradients(
                 model, sites, clean_b, st, metric, steps=steps, points=ig_points,
-                max_rows=max_rows, progress=progress,
+                max_rows=max_rows, progress=progress, positions=pos,
             )
         feats, errs = {}, {}
         for site in sites:
@@ -355,5 +367,6 @@ def node_effects(
         sites=sites, method=method, features=feats, errors=errs, grads=grads,
         delta_features=st.delta_f, delta_errors=st.delta_e, clean_features=st.f_clean,
         mask=clean_b.attention_mask, metric_clean=st.metric_clean, metric_patch=st.metric_patch,
-        info={"steps": steps, "ig_points": ig_points, "ablation": None if patch is not None else ablation},
+        info={"steps": steps, "ig_points": ig_points, "ablation": None if patch is not None else ablation,
+              "metric_positions": metric_positions},
     )

@@ -34,6 +34,9 @@ Metric = Callable[[Tensor, Tensor], Tensor]
 that row ``i`` of the run belongs to (rows repeat for IG and exact patching)."""
 
 GradMode = Literal["read", "total", "frozen"]
+MetricPositions = Literal["all", "last"]
+"""Which logits the metric sees: every position, or the last only (``[n, 1, vocab]``),
+which skips the unembedding of every other position (HF's ``logits_to_keep``)."""
 
 
 @dataclass
@@ -61,13 +64,15 @@ def run(
     rows: Tensor,
     mode: GradMode = "read",
     replace: dict[str, Tensor] | None = None,
+    positions: MetricPositions = "all",
 ) -> Trace:
     """One forward pass through nnsight; see the module docstring for ``mode``."""
     replace = replace or {}
     out = Trace()
     needs_grad = mode != "read" or any(t.requires_grad for t in replace.values())
     grad_ctx = torch.enable_grad() if needs_grad else torch.no_grad()
-    with grad_ctx, model.nn.trace(batch.input_ids, attention_mask=batch.attention_mask):
+    kwargs = {"logits_to_keep": 1} if positions == "last" and metric is not None else {}
+    with grad_ctx, model.nn.trace(batch.input_ids, attention_mask=batch.attention_mask, **kwargs):
         for site in sites:
             envoy = _envoy(model, site)
             raw = envoy.input if site.hook == "input" else envoy.output

@@ -79,6 +79,15 @@ def logit_diff_metric(n: int, seed: int = 1):
     return metric
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models run fastest on one thread (no thread start-up per op)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def float64_softmax(monkeypatch):
     """Keep attention softmax in the input's dtype.

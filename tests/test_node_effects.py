@@ -221,3 +221,22 @@ def test_empty_input_is_refused(small):
     model, _, _, dicts = small
     with pytest.raises(ValueError, match="empty"):
         node_effects(model, dicts, [], None, logit_diff_metric(3), progress=False)
+
+
+def test_effects_work_inside_a_callers_no_grad_block(small):
+    model, clean, patch, dicts = small
+    with torch.no_grad():
+        ne = node_effects(model, dicts, clean, patch, logit_diff_metric(3), method="attrib", progress=False)
+    assert any(ne.features[s].abs().sum() > 0 for s in ne.features)
+
+
+def test_last_position_logits_give_the_same_effects():
+    model = tiny_model("llama", torch.float64)
+    clean, patch = prompt_pairs()
+    dicts = tiny_dictionaries(model, clean)
+    metric = logit_diff_metric(len(clean))
+    full = node_effects(model, dicts, clean, patch, metric, method="ig", steps=3, progress=False)
+    last = node_effects(model, dicts, clean, patch, metric, method="ig", steps=3, progress=False,
+                        metric_positions="last")
+    for site in full.features:
+        torch.testing.assert_close(last.features[site], full.features[site])

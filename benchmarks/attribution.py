@@ -1,0 +1,229 @@
+"""Benchmark: node and edge attribution on a random model of the Pythia-70M shape.
+
+Setup (issue 2): 6 layers, d=512, dictionaries at all 19 sites (width 4096 by
+default, sparse), 16 agreement-style prompt pairs. It measures
+
+- AtP node effects, IG node effects (10 steps), and edges (batched VJPs);
+- the edge baseline: one backward pass per downstream node (how the reference
+  implementation computes edges), on the same inputs and the same frozen graph;
+- the floor for node effects: the dictionaries spliced in with plain torch forward
+  hooks, one no-grad forward on the patch prompts and one forward+backward on the
+  clean prompts, the least work attribution patching can do.
+
+Prints one JSON object. Usage: ``python benchmarks/attribution.py --json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+# This script's folder would shadow the ``attribution`` package of the same name.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
+
+from attribution import tracing
+from attribution.dictionaries import calibrate_sparsity, random_sae
+from attribution.edges import _changed_nodes, _seeds, _upstream_weights, edge_effects, select_downstream
+from attribution.effects import node_effects
+from attribution.models import SFCModel
+from attribution.sites import get_module
+
+
+def pythia_shaped(seed: int = 0) -> SFCModel:
+    torch.manual_seed(seed)
+    cfg = tf.GPTNeoXConfig(
+        vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
+        intermediate_size=2048, rotary_pct=0.25, use_parallel_residual=True, max_position_embeddings=2048,
+    )
+    cfg._attn_implementation = "eager"
+    return SFCModel(tf.GPTNeoXForCausalLM(cfg))
+
+
+def prompt_pairs(n: int, seq: int, seed: int = 0):
+    """Agreement-style pairs: the patch prompt changes the subject token (position 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, 50304, (n, seq), generator=gen)
+    patch = clean.clone()
+    patch[:, 1] = torch.randint(0, 50304, (n,), generator=gen)
+    good = torch.randint(0, 50304, (n,), generator=gen)
+    bad = torch.randint(0, 50304, (n,), generator=gen)
+
+    def metric(logits, rows):
+        last = logits[:, -1]
+        return last.gather(1, bad[rows, None])[:, 0] - last.gather(1, good[rows, None])[:, 0]
+
+    return clean, patch, metric
+
+
+def timed(fn, repeat: int = 1):
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def floor_attribution(model, dicts, sites, clean, patch, metric) -> None:
+    """SAEs spliced with plain forward hooks: patch forward (no grad), clean forward+backward."""
+    hf = model.hf
+    store: dict[str, tuple] = {}
+
+    def install(record_grad: bool):
+        handles = []
+        for site in sites:
+            sae = dicts[site.name]
+
+            def hook(mod, args, out, name=site.name, sae=sae):
+                x = out[0] if isinstance(out, tuple) else out
+                f = sae.encode(x)
+                x_hat = sae.decode(f)
+                err = (x - x_hat).detach()
+                if record_grad:
+                    f.retain_grad()
+                    err.requires_grad_()
+                    # x_hat + err has the clean value; x - x.detach() passes the gradient through.
+                    new = x_hat + err + (x - x.detach())
+                else:
+                    new = x_hat + err
+                store[name] = (f, err)
+                return (new, *out[1:]) if isinstance(out, tuple) else new
+
+            handles.append(get_module(hf, site.module).register_forward_hook(hook))
+        return handles
+
+    rows = torch.arange(len(clean))
+    handles = install(False)
+    with torch.no_grad():
+        metric(hf(patch, logits_to_keep=1).logits, rows)
+    for h in handles:
+        h.remove()
+    # Frozen weights: the embedding output becomes the leaf the backward starts from.
+    leaf_hook = get_module(hf, sites[0].module).register_forward_hook(
+        lambda m, a, o: o.detach().requires_grad_()
+    )
+    handles = install(True)
+    with torch.enable_grad():
+        m = metric(hf(clean, logits_to_keep=1).logits, rows).sum()
+        leaf_hook.remove()
+        tensors = [t for name in store for t in store[name]]
+        torch.autograd.grad(m, tensors, allow_unused=True)
+    for h in handles:
+        h.remove()
+
+
+def loop_edges(model, dicts, clean, effects, metric, selected):
+    """The baseline: one backward pass per selected downstream node."""
+    batch = model.tokenize(clean)
+    sites = effects.sites
+    tr = tracing.run(model, batch, sites, metric, torch.arange(len(batch)), "frozen")
+    out = {}
+    changed = {s.name: _changed_nodes(effects.delta_features[s.name], effects.delta_errors[s.name], dicts[s.name])
+               for s in sites}
+    for i_d, down in enumerate(sites):
+        nodes = selected[down.name].nonzero()
+        if not len(nodes) or not tr.acts[down.name].requires_grad:
+            continue
+        x_d = tr.acts[down.name]
+        ups = sites[:i_d]
+        seeds = _seeds(x_d, dicts[down.name], effects.grads[down.name], nodes)
+        for n in range(len(nodes)):
+            seed = torch.zeros_like(x_d)
+            seed[nodes[n, 0], nodes[n, 1]] = seeds[n]
+            grads = torch.autograd.grad(x_d, [tr.leaves[u.name] for u in ups], grad_outputs=seed,
+                                        retain_graph=True, allow_unused=True)
+            for up, g in zip(ups, grads):
+                if g is None:
+                    continue
+                idx, w = _upstream_weights(g[nodes[n, 0]][None], nodes[n, :1], changed[up.name],
+                                           dicts[up.name].width)
+                key = (up.name, down.name)
+                rows = torch.stack([nodes[n, 0].expand(len(w)), nodes[n, 1].expand(len(w)),
+                                    nodes[n, 2].expand(len(w)), idx[1], idx[2]])
+                out.setdefault(key, []).append((rows, w))
+    return {k: (torch.cat([r for r, _ in v], 1), torch.cat([w for _, w in v])) for k, v in out.items()}
+
+
+def max_rel_diff(batched, looped) -> float:
+    worst = 0.0
+    for key, (idx_l, w_l) in looped.items():
+        e = batched.pairs[key]
+        a = {tuple(c): w for c, w in zip(e.index.T.tolist(), e.weight.tolist())}
+        b = {tuple(c): w for c, w in zip(idx_l.T.tolist(), w_l.tolist())}
+        if set(a) != set(b):
+            return float("inf")
+        scale = max(abs(v) for v in b.values())
+        worst = max(worst, max(abs(a[k] - b[k]) for k in b) / scale)
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print one JSON object (the default output)")
+    parser.add_argument("--width", type=int, default=4096)
+    parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=7)
+    parser.add_argument("--l0", type=float, default=30.0)
+    parser.add_argument("--node-threshold", type=float, default=None,
+                        help="downstream selection threshold (default: chosen for ~3000 nodes)")
+    parser.add_argument("--skip-loop", action="store_true", help="skip the per-node baseline")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+
+    model = pythia_shaped()
+    clean, patch, metric = prompt_pairs(args.pairs, args.seq)
+    sites = model.all_sites()
+    acts = tracing.run(model, model.tokenize(clean), sites, None, torch.arange(len(clean))).acts
+    dicts = {s.name: calibrate_sparsity(random_sae(s.d, args.width, seed=i), acts[s.name], args.l0)
+             for i, s in enumerate(sites)}
+
+    kw = dict(progress=False, metric_positions="last")
+    node_effects(model, dicts, clean, patch, metric, method="attrib", **kw)  # warm-up
+    # The floor reads the same logits the metric needs: the last position only.
+    t_floor, _ = timed(lambda: floor_attribution(model, dicts, sites, clean, patch, metric), repeat=3)
+    t_attrib, atp = timed(lambda: node_effects(model, dicts, clean, patch, metric, method="attrib", **kw), repeat=3)
+    t_ig, ig = timed(lambda: node_effects(model, dicts, clean, patch, metric, method="ig", steps=10, **kw))
+
+    threshold = args.node_threshold
+    if threshold is None:  # the threshold that selects about 3000 downstream nodes
+        all_eff = torch.cat([torch.cat([ig.features[s].flatten(), ig.errors[s].flatten()]) for s in ig.features])
+        threshold = all_eff.abs().topk(3000).values[-1].item()
+    selected = select_downstream(ig, threshold)
+    n_selected = int(sum(m.sum() for m in selected.values()))
+    t_edges, edges = timed(lambda: edge_effects(model, dicts, clean, ig, metric, downstream=selected, **kw))
+    n_edges = sum(e.weight.numel() for e in edges.pairs.values())
+    err_edges = sum(int((e.index[4] == e.up_width).sum()) for e in edges.pairs.values())
+
+    result = {
+        "setup": {"model": "random GPT-NeoX, Pythia-70M shape", "sites": len(sites), "width": args.width,
+                  "prompt_pairs": args.pairs, "seq_len": args.seq, "target_l0": args.l0,
+                  "threads": torch.get_num_threads()},
+        "floor_s": round(t_floor, 3),
+        "attrib_s": round(t_attrib, 3),
+        "attrib_over_floor": round(t_attrib / t_floor, 3),
+        "ig_s": round(t_ig, 3),
+        "edges_s": round(t_edges, 3),
+        "nodes_plus_edges_s": round(t_ig + t_edges, 3),
+        "downstream_nodes": n_selected,
+        "backward_slots": edges.n_backward_slots,
+        "edges": n_edges,
+        "edges_out_of_error_nodes": err_edges,
+    }
+    if not args.skip_loop:
+        t_loop, looped = timed(lambda: loop_edges(model, dicts, clean, ig, metric, selected))
+        result["edges_loop_s"] = round(t_loop, 3)
+        result["edges_speedup_vs_loop"] = round(t_loop / t_edges, 2)
+        result["edges_max_rel_diff"] = max_rel_diff(edges, looped)
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
