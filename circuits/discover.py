@@ -1,0 +1,214 @@
+"""The main job: discover a sparse feature circuit for a task, then measure it.
+
+``discover`` runs the paper's pipeline on one batch of training prompts:
+
+1. node effects by integrated gradients (or attribution patching), with the
+   metric ``m = logit(patch answer) - logit(clean answer)`` (SPEC §2.4);
+2. edge effects into the downstream nodes that pass the node threshold;
+3. the graph builder (thresholds, aggregation, pruning to the metric);
+4. faithfulness and completeness on the task's test split, with the sign
+   flipped so that ``m(M) > 0`` and mean ablation over the patch prompts (SPEC §5).
+
+It also saves the aggregated node effects, so that threshold sweeps need no
+new attribution run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ablation.evaluate import faithfulness
+from ablation.masks import masks_from_effects, n_nodes
+from ablation.sweep import CurvePoint, sweep
+from attribution.dictionaries import Dictionary
+from attribution.dictionary_io import atomic_write_bytes
+from attribution.edges import edge_effects
+from attribution.effects import Aggregation, Method, node_effects
+from attribution.models import Batch, SFCModel
+from circuits.build import build_circuit, circuit_masks
+from circuits.graph import Circuit
+from circuits.tasks import Example, TaskData, answer_ids, logit_diff
+
+
+@dataclass
+class DiscoverConfig:
+    """Options of :func:`discover` (the CLI's flags)."""
+
+    n_examples: int = 32
+    n_test: int = 40
+    method: Method = "ig"
+    steps: int = 10
+    aggregation: Aggregation = "none"
+    node_threshold: float = 0.1
+    edge_threshold: float = 0.01
+    top_k: int | None = None
+    ablation: Literal["mean", "zero", "resample"] = "mean"
+    handle_errors: Literal["default", "remove", "keep", "resid_only"] = "default"
+    start_layer: int = -1
+    edges: bool = True
+    seed: int = 0
+
+
+@dataclass
+class DiscoverResult:
+    circuit: Circuit
+    metrics: dict
+    effects_features: dict[str, Tensor] = field(repr=False)
+    effects_errors: dict[str, Tensor] = field(repr=False)
+
+
+def _pairs(model: SFCModel, examples: list[Example]) -> tuple[Batch, Batch, Tensor, Tensor]:
+    if not examples:
+        raise ValueError("The dataset is empty: give at least one example.")
+    if any(not ex.paired for ex in examples):
+        raise ValueError("Circuit discovery needs paired examples (clean_prefix, patch_prefix, both answers).")
+    clean = model.tokenize([ex.clean_prefix for ex in examples])
+    patch = model.tokenize([ex.patch_prefix for ex in examples])
+    clean_ids, patch_ids = answer_ids(examples, model.tokenizer)
+    return clean, patch, clean_ids, patch_ids
+
+
+def task_accuracy(model: SFCModel, examples: list[Example]) -> float:
+    """How often the model prefers the clean answer to the patch answer on the clean prompt."""
+    clean, _, good, bad = _pairs(model, examples)
+    with torch.no_grad():
+        logits = model.hf(clean.input_ids, attention_mask=clean.attention_mask, logits_to_keep=1).logits
+    return float((logit_diff(good, bad)(logits, torch.arange(len(good))) > 0).float().mean())
+
+
+def evaluate(
+    model: SFCModel, dictionaries: Mapping[str, Dictionary], circuit: Circuit, test: list[Example],
+    cfg: DiscoverConfig,
+) -> dict:
+    """Faithfulness and completeness of ``circuit`` on ``test`` (SPEC §5.1)."""
+    clean, patch, good, bad = _pairs(model, test)
+    widths = {name: d.width for name, d in dictionaries.items()}
+    masks = circuit_masks(circuit, widths, clean.seq_len)
+    res = faithfulness(
+        model, clean, dictionaries, masks, logit_diff(good, bad), ablation=cfg.ablation,
+        reference=patch, handle_errors=cfg.handle_errors, start_layer=cfg.start_layer,
+    )
+    return {"faithfulness": res.faithfulness, "completeness": res.completeness, "n_nodes_evaluated": res.n_nodes,
+            "m_full": res.m_full, "m_empty": res.m_empty, "m_circuit": res.m_circuit,
+            "m_complement": res.m_complement}
+
+
+def discover(
+    model: SFCModel,
+    dictionaries: Mapping[str, Dictionary],
+    task: TaskData,
+    cfg: DiscoverConfig,
+    *,
+    dictionary_ids: Mapping[str, str] | None = None,
+    progress: bool = True,
+) -> DiscoverResult:
+    """Discover and evaluate a circuit for ``task`` (see the module docstring)."""
+    train = task.train[: cfg.n_examples]
+    test = task.test[: cfg.n_test]
+    clean, patch, clean_ids, patch_ids = _pairs(model, train)
+    if not test:
+        raise ValueError(f"Task {task.name!r} has no test examples: faithfulness is measured on the test split.")
+    _pairs(model, test)  # validate before any heavy work
+    sites = [s for s in model.all_sites() if s.name in dictionaries]
+    metric = logit_diff(patch_ids, clean_ids)
+    timings = {}
+    t0 = time.perf_counter()
+    effects = node_effects(
+        model, dict(dictionaries), clean, patch, metric, sites=sites, method=cfg.method, steps=cfg.steps,
+        metric_positions="last", progress=progress,
+    )
+    timings["nodes_s"] = time.perf_counter() - t0
+    edges = None
+    if cfg.edges:
+        t0 = time.perf_counter()
+        edges = edge_effects(
+            model, dict(dictionaries), clean, effects, metric, node_threshold=cfg.node_threshold,
+            selection="position" if cfg.aggregation == "none" else "aggregate", aggregation=cfg.aggregation,
+            progress=progress,
+        )
+        timings["edges_s"] = time.perf_counter() - t0
+    tokens = model.token_strings(clean.input_ids[0]) if cfg.aggregation == "none" else None
+    circuit = build_circuit(
+        effects, edges, model=model.name, n_layers=model.config.num_hidden_layers, aggregation=cfg.aggregation,
+        node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold, top_k=cfg.top_k,
+        dictionaries=dictionary_ids, task=task.name, prompt_tokens=tokens,
+        extra={"steps": cfg.steps, "seed": cfg.seed, "n_test": cfg.n_test,
+               "example_prompt": train[0].clean_prefix},
+    )
+    t0 = time.perf_counter()
+    scores = evaluate(model, dictionaries, circuit, test, cfg)
+    timings["evaluate_s"] = time.perf_counter() - t0
+    n_circuit_nodes = sum(1 for n in circuit.nodes if n.id != "y")
+    metrics = {
+        "task": task.name, "model": model.name, "method": cfg.method, "aggregation": cfg.aggregation,
+        "node_threshold": cfg.node_threshold, "edge_threshold": cfg.edge_threshold, "top_k": cfg.top_k,
+        "n_examples": len(train), "n_test": len(test),
+        "faithfulness": scores["faithfulness"], "completeness": scores["completeness"],
+        "n_nodes": n_circuit_nodes, "n_edges": len(circuit.edges),
+        "n_error_nodes": sum(1 for n in circuit.nodes if n.is_error),
+        "total_effect": circuit.metadata.total_effect,
+        "task_accuracy_test": task_accuracy(model, test),
+        "evaluation": scores, "timings": {k: round(v, 2) for k, v in timings.items()},
+    }
+    feats, errs = effects.aggregate(cfg.aggregation)
+    return DiscoverResult(circuit, metrics, feats, errs)
+
+
+def save_effects(path: Path, feats: Mapping[str, Tensor], errs: Mapping[str, Tensor]) -> None:
+    """Aggregated node effects as ``.npz`` (``f:<site>`` and ``e:<site>`` arrays), atomically."""
+    import io
+
+    buf = io.BytesIO()
+    arrays = {f"f:{k}": v.detach().cpu().float().numpy() for k, v in feats.items()}
+    arrays |= {f"e:{k}": v.detach().cpu().float().numpy() for k, v in errs.items()}
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_effects(path: Path) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    with np.load(path, allow_pickle=False) as npz:
+        feats = {k[2:]: torch.from_numpy(npz[k]) for k in npz.files if k.startswith("f:")}
+        errs = {k[2:]: torch.from_numpy(npz[k]) for k in npz.files if k.startswith("e:")}
+    return feats, errs
+
+
+def sweep_curve(
+    model: SFCModel, dictionaries: Mapping[str, Dictionary], feats: Mapping[str, Tensor],
+    errs: Mapping[str, Tensor], test: list[Example], cfg: DiscoverConfig, thresholds: list[float] | None = None,
+    progress: bool = True,
+) -> list[CurvePoint]:
+    """Faithfulness/completeness curve over node thresholds (x = number of nodes)."""
+    clean, patch, good, bad = _pairs(model, test)
+    if thresholds is None:
+        top = max(float(v.abs().max()) for v in list(feats.values()) + list(errs.values()))
+        thresholds = [float(t) for t in np.logspace(np.log10(top) - 4, np.log10(top), 15)]
+    return sweep(
+        model, clean, dictionaries, feats, errs, logit_diff(good, bad), thresholds,
+        ablation=cfg.ablation, reference=patch, handle_errors=cfg.handle_errors, start_layer=cfg.start_layer,
+        progress=progress,
+    )
+
+
+def write_outputs(out: Path, result: DiscoverResult) -> None:
+    """``circuit.json``, ``metrics.json``, ``effects.npz`` and ``circuit.html`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    result.circuit.save(out / "circuit.json")
+    atomic_write_bytes(out / "metrics.json", (json.dumps(result.metrics, indent=2) + "\n").encode())
+    save_effects(out / "effects.npz", result.effects_features, result.effects_errors)
+
+
+def config_dict(cfg: DiscoverConfig) -> dict:
+    return asdict(cfg)
+
+
+__all__ = ["DiscoverConfig", "DiscoverResult", "discover", "evaluate", "sweep_curve", "write_outputs",
+           "load_effects", "save_effects", "task_accuracy", "masks_from_effects", "n_nodes"]

@@ -1,0 +1,83 @@
+"""``sfc discover``: the main job (see :mod:`circuits.discover`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("discover", help="discover, evaluate and save a sparse feature circuit")
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded), an HF id or a local folder")
+    p.add_argument("--task", required=True, help="simple, within_rc, across_rc, across_pp, or a .jsonl file")
+    p.add_argument("--examples", type=int, default=32, help="training prompt pairs (default 32)")
+    p.add_argument("--test", type=int, default=40, help="test prompt pairs for faithfulness (default 40)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--dictionaries", default=None, help="folder with one dictionary sub-folder per site")
+    p.add_argument("--sites", nargs="*", default=None, help="sites to use (default: all dictionaries)")
+    p.add_argument("--method", choices=["ig", "attrib"], default="ig")
+    p.add_argument("--steps", type=int, default=10, help="integrated-gradients steps")
+    p.add_argument("--aggregation", choices=["none", "sum"], default="none")
+    p.add_argument("--node-threshold", type=float, default=0.1)
+    p.add_argument("--edge-threshold", type=float, default=0.01)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--no-edges", action="store_true", help="nodes only")
+    p.add_argument("--neurons", action="store_true", help="also build the neuron circuit at the same sites")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print metrics.json to stdout")
+    p.set_defaults(func=run)
+
+
+def _validate(args) -> None:
+    from sfc.common import check_task_name
+
+    check_task_name(args.task)
+    for name in ("node_threshold", "edge_threshold"):
+        value = getattr(args, name)
+        if not (0 <= value < float("inf")):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}.")
+    if args.examples < 1 or args.test < 1:
+        raise ValueError("--examples and --test must be at least 1.")
+    if args.steps < 1:
+        raise ValueError("--steps must be at least 1.")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder: choose another path.")
+
+
+def run(args) -> int:
+    _validate(args)  # before any model work
+    from circuits.discover import DiscoverConfig, discover, write_outputs
+    from sfc.common import load_dictionary_set, load_task, open_model
+    from viz import render_html
+
+    t0 = time.perf_counter()
+    model = open_model(args.model, args.device)
+    task = load_task(args.task, model, args.examples, args.test, args.seed)
+    cfg = DiscoverConfig(
+        n_examples=args.examples, n_test=args.test, method=args.method, steps=args.steps,
+        aggregation=args.aggregation, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
+        top_k=args.top_k, edges=not args.no_edges, seed=args.seed,
+    )
+    out = Path(args.out)
+    runs = [("features", False, out)] + ([("neurons", True, out / "neurons")] if args.neurons else [])
+    summary = {}
+    for label, neurons, folder in runs:
+        dicts, ids = load_dictionary_set(model, args.model, args.dictionaries, args.sites, neurons)
+        print(f"[sfc] {label}: {len(dicts)} sites, task {task.name}, {len(task.train)} pairs", file=sys.stderr)
+        result = discover(model, dicts, task, cfg, dictionary_ids=ids)
+        result.circuit.metadata.extra.update({"neurons": neurons, "task_source": args.task})
+        result.metrics["wall_time_s"] = round(time.perf_counter() - t0, 1)
+        write_outputs(folder, result)
+        render_html(result.circuit, folder / "circuit.html")
+        summary[label] = result.metrics
+        print(f"[sfc] {label}: {result.metrics['n_nodes']} nodes, {result.metrics['n_edges']} edges, "
+              f"faithfulness {result.metrics['faithfulness']:.3f}, completeness "
+              f"{result.metrics['completeness']:.3f} -> {folder}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(summary["features"] if len(summary) == 1 else summary, indent=2))
+    return 0
