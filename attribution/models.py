@@ -101,7 +101,8 @@ class SFCModel:
             raise ValueError("This model has no tokenizer: pass token ids (a tensor or Batch) instead of strings.")
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+            # Padded positions are masked, so any token serves as padding.
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.convert_ids_to_tokens(0)
         enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
         return Batch(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
 
