@@ -28,12 +28,18 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
 
-from attribution import tracing
-from attribution.dictionaries import calibrate_sparsity, random_sae
-from attribution.edges import _changed_nodes, _seeds, _upstream_weights, edge_effects, select_downstream
-from attribution.effects import node_effects
-from attribution.models import SFCModel
-from attribution.sites import get_module
+from attribution import tracing  # noqa: E402
+from attribution.dictionaries import calibrate_sparsity, random_sae  # noqa: E402
+from attribution.edges import (  # noqa: E402
+    _changed_nodes,
+    _seeds,
+    _upstream_weights,
+    edge_effects,
+    select_downstream,
+)
+from attribution.effects import node_effects  # noqa: E402
+from attribution.models import SFCModel  # noqa: E402
+from attribution.sites import get_module  # noqa: E402
 
 
 def pythia_shaped(seed: int = 0) -> SFCModel:

@@ -45,7 +45,7 @@ def test_exact_effects_equal_hooked_single_node_patches(family, ablate):
         changed = (f_p - f_c).nonzero()[:4]
         assert len(changed) > 0
         for b, s, j in changed.tolist():
-            def patch_one(x, b=b, s=s, j=j):
+            def patch_one(x, b=b, s=s, j=j, f_p=f_p, f_c=f_c, sae=sae):
                 x = x.clone()
                 x[b, s] += (f_p[b, s, j] - f_c[b, s, j]) * sae.W_dec[j]
                 return x
@@ -53,7 +53,7 @@ def test_exact_effects_equal_hooked_single_node_patches(family, ablate):
             truth = metric_of(logits, metric)[b] - m_clean[b]
             torch.testing.assert_close(ne.features[site.name][b, s, j], truth, rtol=1e-8, atol=1e-10)
         for b, s in [(0, 4), (2, 1)]:
-            def patch_err(x, b=b, s=s):
+            def patch_err(x, b=b, s=s, e_p=e_p, e_c=e_c):
                 x = x.clone()
                 x[b, s] += e_p[b, s] - e_c[b, s]
                 return x
