@@ -1,0 +1,75 @@
+"""The on-disk cache: converted models, harvested activations, trained dictionaries.
+
+Everything this toolkit builds rather than ships lives under one folder,
+:func:`cache_dir`, which is ``$SFC_CACHE`` or ``~/.cache/sparse-feature-circuits``::
+
+    models/<model>/                 safetensors weights + config + tokenizer
+    activations/<model>/<key>/      harvested site activations (memory-mapped .npy)
+    dictionaries/<model>/<site>/    ae.pt + config.json (dictionary_learning layout)
+
+Every entry is written atomically: files go into a temporary sibling folder,
+which is renamed into place only when complete, so an interrupted or
+disk-full build never leaves a half-written entry that looks finished.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """The cache root: ``$SFC_CACHE`` if set, else ``~/.cache/sparse-feature-circuits``."""
+    root = os.environ.get("SFC_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "sparse-feature-circuits"
+
+
+def model_cache(model_name: str) -> Path:
+    """Where the converted weights of ``model_name`` live."""
+    return cache_dir() / "models" / model_name
+
+
+def dictionary_cache(model_name: str) -> Path:
+    """The folder holding one sub-folder per site with that site's dictionary."""
+    return cache_dir() / "dictionaries" / model_name
+
+
+def activation_cache(model_name: str) -> Path:
+    """The folder holding harvested activations of ``model_name``."""
+    return cache_dir() / "activations" / model_name
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temporary folder next to ``target``; rename it to ``target`` on success.
+
+    An existing ``target`` is replaced. On any exception (including
+    ``KeyboardInterrupt`` and a full disk) the temporary folder is deleted and
+    ``target`` is left as it was.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete ``.*.tmp`` leftovers of builds that were killed before they could clean up."""
+    if folder.exists():
+        for p in folder.glob(".*.tmp"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

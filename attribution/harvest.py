@@ -1,0 +1,140 @@
+"""Harvesting: site activations over a corpus, for training dictionaries.
+
+One nnsight pass per batch of contexts records every requested site at once,
+and the pass stops right after the deepest site (the blocks above it and the
+unembedding are never run). Activations go straight into one memory-mapped
+``.npy`` file per site, ``[n_tokens, d]`` float32, so a harvest larger than
+memory streams to disk.
+
+The first ``skip_first`` positions of each context are left out. In
+SmolLM2 (as in most LMs) the first position is an *attention sink* whose
+residual norm is 10-100x that of other tokens; a dictionary trained on it
+would spend its capacity on one outlier direction.
+
+A harvest folder is complete only once renamed into place (see
+:func:`attribution.cache.atomic_dir`); ``harvest.json`` records what it holds,
+so a resumed build reuses it only when it matches the request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from attribution.cache import atomic_dir
+from attribution.models import SFCModel
+from attribution.sites import Site
+from attribution.tracing import _envoy
+
+MANIFEST = "harvest.json"
+
+
+@dataclass(frozen=True)
+class HarvestSpec:
+    """What a harvest holds: which model, sites and tokens."""
+
+    model: str
+    sites: tuple[str, ...]
+    n_contexts: int
+    ctx_len: int
+    skip_first: int
+    corpus_sha: str
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_contexts * (self.ctx_len - self.skip_first)
+
+    def key(self) -> str:
+        """A short hash naming this spec's folder under the activation cache."""
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _read_sites(model: SFCModel, contexts: Tensor, sites: list[Site]) -> dict[str, Tensor]:
+    """Activations ``{site: [b, s, d]}`` for one batch, stopping after the deepest site."""
+    saved: dict[str, Tensor] = {}
+    with torch.no_grad(), model.nn.trace(contexts, attention_mask=torch.ones_like(contexts)) as tracer:
+        for site in sites:
+            envoy = _envoy(model, site)
+            raw = envoy.input if site.hook == "input" else envoy.output
+            x = raw[0] if isinstance(raw, tuple) else raw
+            saved[site.name] = x.save()
+        tracer.stop()
+    return saved
+
+
+def harvest(
+    model: SFCModel,
+    sites: list[Site],
+    contexts: Tensor,
+    root: Path,
+    *,
+    batch_size: int = 16,
+    skip_first: int = 1,
+    corpus_sha: str = "",
+    desc: str = "harvest",
+) -> dict[str, np.ndarray]:
+    """Record ``sites`` over ``contexts [n, ctx_len]`` under ``root``; return read-only memmaps.
+
+    The harvest lives in ``root/<spec key>``. Returns ``{site: [n * (ctx_len -
+    skip_first), d]}``. A complete harvest of the same spec is reused without
+    running the model.
+    """
+    sites = sorted(sites, key=lambda s: s.order)
+    n, ctx_len = contexts.shape
+    spec = HarvestSpec(model.name, tuple(s.name for s in sites), n, ctx_len, skip_first, corpus_sha)
+    folder = root / spec.key()
+    if load_manifest(folder) == spec:
+        return open_harvest(folder, spec)
+    device = model.device
+    with atomic_dir(folder) as tmp:
+        arrays = {
+            s.name: np.lib.format.open_memmap(tmp / f"{s.name}.npy", mode="w+", dtype=np.float32,
+                                              shape=(spec.n_tokens, s.d))
+            for s in sites
+        }
+        per_ctx = ctx_len - skip_first
+        row = 0
+        with tqdm(total=n * ctx_len, desc=desc, unit="tok", unit_scale=True) as bar:
+            for batch in contexts.split(batch_size):
+                acts = _read_sites(model, batch.to(device), sites)
+                m = batch.shape[0] * per_ctx
+                for name, x in acts.items():
+                    arrays[name][row:row + m] = x[:, skip_first:].reshape(m, -1).float().cpu().numpy()
+                row += m
+                bar.update(batch.numel())
+        for arr in arrays.values():
+            arr.flush()
+        del arrays
+        (tmp / MANIFEST).write_text(json.dumps(asdict(spec), indent=2))
+    return open_harvest(folder, spec)
+
+
+def load_manifest(folder: Path) -> HarvestSpec | None:
+    """The spec of a complete harvest in ``folder``, or None if there is none (or it is unreadable)."""
+    try:
+        raw = json.loads((folder / MANIFEST).read_text())
+        raw["sites"] = tuple(raw["sites"])
+        return HarvestSpec(**raw)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def open_harvest(folder: Path, spec: HarvestSpec) -> dict[str, np.ndarray]:
+    """Read-only memmaps ``{site: [n_tokens, d]}`` of a complete harvest."""
+    out = {}
+    for name in spec.sites:
+        arr = np.load(folder / f"{name}.npy", mmap_mode="r")
+        if arr.shape[0] != spec.n_tokens:
+            raise ValueError(
+                f"Harvest {folder} is inconsistent ({name}.npy has {arr.shape[0]} rows, "
+                f"expected {spec.n_tokens}): delete the folder and rebuild."
+            )
+        out[name] = arr
+    return out

@@ -1,0 +1,100 @@
+"""``sfc dictionaries``: build and measure a model's cached dictionary set.
+
+- ``sfc dictionaries build --model smollm2-135m`` trains TopK SAEs for the
+  default scope (``attribution.smollm.DEFAULT_SITES``) into
+  ``$SFC_CACHE/dictionaries/<model>/<site>/``; re-running skips finished sites
+  and reuses a complete harvest, so an interrupted build resumes.
+- ``sfc dictionaries report --model smollm2-135m --json`` prints one JSON
+  object with a row per site (width, L0, variance explained, dead fraction,
+  CE loss recovered) measured on held-out text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+DEFAULT_WIDTH = 2304  # 4 x d_model of SmolLM2
+DEFAULT_K = 32
+DEFAULT_TOKENS = 100_000
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("dictionaries", help="build or report the cached dictionaries of a model")
+    sub = p.add_subparsers(dest="action", required=True)
+    for name, helptext in (("build", "train TopK SAEs for a model's sites"),
+                           ("report", "measure the cached dictionaries on held-out text")):
+        q = sub.add_parser(name, help=helptext)
+        q.add_argument("--model", default="smollm2-135m", help="model id (default: smollm2-135m)")
+        q.add_argument("--sites", nargs="+", default=None,
+                       help="site names, e.g. resid_3 mlp_5 (default: the model's default scope)")
+        q.add_argument("--device", default="cpu")
+        q.set_defaults(func=run)
+        if name == "build":
+            q.add_argument("--width", type=int, default=DEFAULT_WIDTH, help="latents per SAE")
+            q.add_argument("--k", type=int, default=DEFAULT_K, help="active latents per token (TopK)")
+            q.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="corpus tokens to harvest")
+            q.add_argument("--epochs", type=float, default=2.0, help="passes over the harvest per SAE")
+            q.add_argument("--keep-activations", action="store_true",
+                           help="keep the harvested activations after a complete build")
+        else:
+            q.add_argument("--tokens", type=int, default=2048, help="held-out tokens (at least 2048)")
+            q.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _default_sites(model_name: str, model) -> list[str]:
+    if model_name == "smollm2-135m":
+        from attribution.smollm import DEFAULT_SITES
+
+        return list(DEFAULT_SITES)
+    return [s.name for s in model.sites(kinds=("resid",))]
+
+
+def run(args: argparse.Namespace) -> int:
+    from attribution.models import load_model
+
+    model = load_model(args.model, device=args.device)
+    names = args.sites or _default_sites(args.model, model)
+    sites = model.sites(names)  # unknown names raise one sentence listing what exists
+    if args.action == "build":
+        return _build(args, model, sites)
+    return _report(args, model, [s.name for s in sites])
+
+
+def _build(args: argparse.Namespace, model, sites) -> int:
+    from attribution.dictionary_store import build_dictionaries
+    from attribution.training import TrainConfig
+
+    if args.k > 64:
+        print(f"note: k={args.k} gives circuits with more than 64 active features per token.", file=sys.stderr)
+    config = TrainConfig(width=args.width, k=args.k, epochs=args.epochs, device=args.device)
+    start = time.time()
+    folders = build_dictionaries(model, sites, config, args.tokens, keep_activations=args.keep_activations,
+                                 log=lambda m: print(m, file=sys.stderr))
+    print(f"{len(folders)} dictionaries ready under {next(iter(folders.values())).parent} "
+          f"({time.time() - start:.0f} s).", file=sys.stderr)
+    return 0
+
+
+def _report(args: argparse.Namespace, model, names: list[str]) -> int:
+    from attribution.cache import dictionary_cache
+    from attribution.dictionary_io import read_metadata
+    from attribution.dictionary_store import evaluate_dictionaries, load_dictionaries
+
+    if args.tokens < 2048:
+        raise ValueError(f"--tokens {args.tokens} is too few for a stable CE estimate: use at least 2048.")
+    dictionaries = load_dictionaries(model.name, names, model=model)
+    metadata = {n: read_metadata(dictionary_cache(model.name) / n) for n in names}
+    rows = evaluate_dictionaries(model, dictionaries, args.tokens, metadata=metadata)
+    if args.json:
+        print(json.dumps({"model": model.name, "held_out_tokens": rows[0]["tokens"] if rows else 0,
+                          "sites": rows}))
+    else:
+        print(f"{'site':<10} {'width':>6} {'L0':>6} {'var.expl':>9} {'dead':>6} {'CE rec.':>8}")
+        for r in rows:
+            dead = "-" if r["dead_fraction"] is None else f"{r['dead_fraction']:.3f}"
+            print(f"{r['site']:<10} {r['width']:>6} {r['l0']:>6.1f} {r['variance_explained']:>9.3f} "
+                  f"{dead:>6} {r['ce_loss_recovered']:>8.3f}")
+    return 0

@@ -1,0 +1,73 @@
+"""The embedded SmolLM2 and its dictionaries (slow: real model; run with ``pytest -m slow``)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from attribution.dictionary_io import DictionaryFileError
+from attribution.dictionary_store import build_dictionaries, load_dictionaries
+from attribution.smollm import DEFAULT_SITES, MODEL_NAME, load_smollm2
+from attribution.training import TrainConfig
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model():
+    load_smollm2()  # converts once if the cache is empty
+    return load_smollm2()
+
+
+def test_cached_model_loads_in_under_two_seconds():
+    t0 = time.time()
+    load_smollm2()
+    assert time.time() - t0 < 2.0
+
+
+def test_smollm2_predicts_plausible_text(model):
+    batch = model.tokenize(["The capital of France is"])
+    with torch.no_grad():
+        logits = model.hf(batch.input_ids).logits
+    assert model.tokenizer.decode(logits[0, -1].argmax()).strip() == "Paris"
+
+
+def test_default_sites_exist_and_have_d_576(model):
+    sites = model.sites(list(DEFAULT_SITES))
+    assert [s.d for s in sites] == [576] * len(DEFAULT_SITES)
+
+
+def test_corrupt_model_cache_is_rebuilt(tmp_path, monkeypatch):
+    from attribution.cache import model_cache
+
+    monkeypatch.setenv("SFC_CACHE", str(tmp_path))
+    load_smollm2()  # converts the GGUF file into tmp_path
+    weights = model_cache(MODEL_NAME) / "model.safetensors"
+    weights.write_bytes(b"truncated")
+    rebuilt = load_smollm2()
+    assert rebuilt.name == MODEL_NAME and weights.stat().st_size > 100_000_000
+
+
+def test_tiny_build_on_smollm2_reconstructs_held_out_activations(model, tmp_path, monkeypatch):
+    from attribution.corpus import corpus_contexts
+    from attribution.training import reconstruction_stats
+
+    monkeypatch.setenv("SFC_CACHE", str(tmp_path))
+    cfg = TrainConfig(width=1152, k=32, epochs=2)
+    folders = build_dictionaries(model, model.sites(["resid_3"]), cfg, 4096, log=lambda m: None)
+    assert (folders["resid_3"] / "ae.pt").exists()
+    sae = load_dictionaries(MODEL_NAME, ["resid_3"], model=model)["resid_3"]
+    ids = corpus_contexts(model.tokenizer, 1024, 128, "heldout")
+    from attribution.models import Batch
+    from attribution.tracing import run
+
+    x = run(model, Batch(ids, torch.ones_like(ids)), model.sites(["resid_3"]), None, torch.arange(len(ids)))
+    stats = reconstruction_stats(sae, x.acts["resid_3"][:, 1:].reshape(-1, 576))
+    assert stats["variance_explained"] > 0.5
+
+
+def test_missing_dictionaries_name_the_build_command(tmp_path):
+    with pytest.raises(DictionaryFileError, match="sfc dictionaries build --model smollm2-135m"):
+        load_dictionaries(MODEL_NAME, root=tmp_path)
