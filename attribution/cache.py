@@ -15,6 +15,7 @@ disk-full build never leaves a half-written entry that looks finished.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -52,7 +53,8 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     ``target`` is left as it was.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    # The owner's PID in the name lets a later build tell a live build's folder from a leftover.
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.pid{os.getpid()}.", suffix=".tmp"))
     try:
         yield tmp
         if target.exists():
@@ -68,8 +70,27 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         raise
 
 
+def _owner_alive(path: Path) -> bool:
+    match = re.search(r"\.pid(\d+)\.", path.name)
+    if match is None:
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_stale_temporaries(folder: Path) -> None:
-    """Delete ``.*.tmp`` leftovers of builds that were killed before they could clean up."""
+    """Delete ``.*.tmp`` leftovers of builds that were killed before they could clean up.
+
+    A temporary folder whose owning process is still running belongs to a build
+    in progress (another terminal, a test) and is left alone.
+    """
     if folder.exists():
         for p in folder.glob(".*.tmp"):
+            if _owner_alive(p):
+                continue
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

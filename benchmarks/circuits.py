@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--method", choices=["ig", "attrib"], default="ig")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--points", type=int, default=16, help="thresholds per sweep")
+    parser.add_argument("--start-layer", type=int, default=None, help="default: a third of the layers")
     parser.add_argument("--figure", default="benchmarks/circuits.html", help="the curves, as offline HTML")
     parser.add_argument("--png", default=None, help="also a PNG of the curves (needs chromium)")
     parser.add_argument("--json", action="store_true", help="(the output is always one JSON object)")
@@ -75,7 +76,8 @@ def main() -> None:
     saes = load_dictionaries("smollm2-135m", model=model)
     sites = [s for s in model.all_sites() if s.name in saes]
     neurons = {s.name: Identity(s.d) for s in sites}
-    cfg = DiscoverConfig(n_examples=args.examples, n_test=args.test)
+    start = model.config.num_hidden_layers // 3 if args.start_layer is None else args.start_layer
+    cfg = DiscoverConfig(n_examples=args.examples, n_test=args.test, start_layer=start)
     rows, curves = {}, {}
     for name in args.tasks:
         task = make_task(name, model.tokenizer, args.examples, args.test, seed=0)
@@ -110,7 +112,7 @@ def main() -> None:
     summary = {
         "tasks_with_10x_fewer_feature_nodes": sum(1 for r in ratios if r is not None and r >= 10),
         "tasks_with_completeness_le_0.2_at_f0.8": sum(1 for c in comps if c is not None and c <= 0.2),
-        "method": args.method, "steps": args.steps, "examples": args.examples, "test": args.test,
+        "method": args.method, "steps": args.steps, "start_layer": start, "examples": args.examples, "test": args.test,
         "sites": [s.name for s in sites], "threads": torch.get_num_threads(),
     }
     fig = curve_figure(curves, title="SmolLM2-135M: feature vs neuron circuits")

@@ -7,7 +7,9 @@
 2. edge effects into the downstream nodes that pass the node threshold;
 3. the graph builder (thresholds, aggregation, pruning to the metric);
 4. faithfulness and completeness on the task's test split, with the sign
-   flipped so that ``m(M) > 0`` and mean ablation over the patch prompts (SPEC §5).
+   flipped so that ``m(M) > 0`` and mean ablation over the patch prompts (SPEC §5);
+   sites below ``start_layer`` are neither ablated nor counted (the paper skips
+   the first third of the layers; ``sfc discover`` does the same by default).
 
 It also saves the aggregated node effects, so that threshold sweeps need no
 new attribution run.
@@ -141,7 +143,7 @@ def discover(
         effects, edges, model=model.name, n_layers=model.config.num_hidden_layers, aggregation=cfg.aggregation,
         node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold, top_k=cfg.top_k,
         dictionaries=dictionary_ids, task=task.name, prompt_tokens=tokens,
-        extra={"steps": cfg.steps, "seed": cfg.seed, "n_test": cfg.n_test,
+        extra={"steps": cfg.steps, "seed": cfg.seed, "n_test": cfg.n_test, "start_layer": cfg.start_layer,
                "example_prompt": train[0].clean_prefix},
     )
     t0 = time.perf_counter()
@@ -151,7 +153,7 @@ def discover(
     metrics = {
         "task": task.name, "model": model.name, "method": cfg.method, "aggregation": cfg.aggregation,
         "node_threshold": cfg.node_threshold, "edge_threshold": cfg.edge_threshold, "top_k": cfg.top_k,
-        "n_examples": len(train), "n_test": len(test),
+        "n_examples": len(train), "n_test": len(test), "start_layer": cfg.start_layer,
         "faithfulness": scores["faithfulness"], "completeness": scores["completeness"],
         "n_nodes": n_circuit_nodes, "n_edges": len(circuit.edges),
         "n_error_nodes": sum(1 for n in circuit.nodes if n.is_error),

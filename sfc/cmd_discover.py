@@ -25,6 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--no-edges", action="store_true", help="nodes only")
     p.add_argument("--neurons", action="store_true", help="also build the neuron circuit at the same sites")
+    p.add_argument("--start-layer", type=int, default=None,
+                   help="evaluate sites from this layer on (default: a third of the layers, as the paper)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print metrics.json to stdout")
@@ -61,6 +63,7 @@ def run(args) -> int:
         n_examples=args.examples, n_test=args.test, method=args.method, steps=args.steps,
         aggregation=args.aggregation, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
         top_k=args.top_k, edges=not args.no_edges, seed=args.seed,
+        start_layer=args.start_layer if args.start_layer is not None else model.config.num_hidden_layers // 3,
     )
     out = Path(args.out)
     runs = [("features", False, out)] + ([("neurons", True, out / "neurons")] if args.neurons else [])

@@ -41,7 +41,8 @@ def run(args) -> int:
         first = next(iter(md.dictionaries.values()))
         folder = None if first.startswith("cache:") else str(Path(first).parent)
     dicts, _ = load_dictionary_set(model, md.model, folder, list(md.sites), neurons)
-    cfg = DiscoverConfig(n_test=int(md.extra.get("n_test", 40)), aggregation=md.aggregation)
+    cfg = DiscoverConfig(n_test=int(md.extra.get("n_test", 40)), aggregation=md.aggregation,
+                         start_layer=int(md.extra.get("start_layer", -1)))
     task = load_task(task_name, model, 0 if not task_name.endswith(".jsonl") else 10**9, cfg.n_test,
                      int(md.extra.get("seed", 0)))
     if args.sweep:

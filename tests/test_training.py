@@ -200,3 +200,20 @@ def test_corpus_documents_are_unique_and_free_of_task_templates():
     assert not any(module.LEAKAGE.search(d) for d in docs)
     assert module.LEAKAGE.search("Yes, the athlete that the managers like does.")
     assert json.loads(json.dumps(load_corpus("heldout")[:1]))
+
+
+def test_cleanup_spares_the_temporary_folder_of_a_running_build(tmp_path):
+    """A build's in-progress folder must survive another build's clean-up (they share the cache)."""
+    import os
+
+    from attribution.cache import atomic_dir, remove_stale_temporaries
+
+    with atomic_dir(tmp_path / "harvest") as live:
+        (live / "part.npy").write_bytes(b"x")
+        dead = tmp_path / ".harvest.pid999999999.abc.tmp"
+        dead.mkdir()
+        remove_stale_temporaries(tmp_path)
+        assert live.exists() and (live / "part.npy").exists()
+        assert not dead.exists()
+        assert str(os.getpid()) in live.name
+    assert (tmp_path / "harvest" / "part.npy").exists()
