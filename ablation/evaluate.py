@@ -22,12 +22,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 from ablation.masks import NodeMask, n_nodes
+from attribution import tracing
 from attribution.dictionaries import Dictionary
 from attribution.models import Batch, SFCModel
 from attribution.sites import AttnHook, Site
@@ -235,13 +237,6 @@ def _keep(
     return mask.features.to(device), errors.unsqueeze(-1).to(device)
 
 
-def _envoy(model: SFCModel, site: Site):
-    envoy = model.nn
-    for part in site.module.split("."):
-        envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
-    return envoy
-
-
 @torch.no_grad()
 def ablated_metric(
     model: SFCModel,
@@ -273,30 +268,17 @@ def ablated_metric(
             )
             if not (keep_f.all() and keep_e.all()):
                 plan.append((site, dictionary, keep_f, keep_e, setup.values[site.name]))
-    out: dict[str, Tensor] = {}
-    with model.nn.trace(batch.input_ids, attention_mask=batch.attention_mask):
-        for site, dictionary, keep_f, keep_e, value in plan:
-            envoy = _envoy(model, site)
-            raw = envoy.input if site.hook == "input" else envoy.output
-            x = raw[0] if isinstance(raw, tuple) else raw
-            f = dictionary.encode(x)
-            e = x - dictionary.decode(f)
-            f_ablated, e_ablated = value.values(dictionary)
-            new = dictionary.decode(torch.where(keep_f, f, f_ablated)) + torch.where(keep_e, e, e_ablated)
-            new = new.to(x.dtype)
-            if site.hook == "input":
-                envoy.input = new
-            elif isinstance(raw, tuple):
-                envoy.output = (new, *raw[1:])
-            else:
-                envoy.output = new
-        out["metric"] = metric(model.nn.output.logits, rows)
-    value = out["metric"]
-    if not isinstance(value, Tensor) or value.shape != (len(batch),):
-        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-        raise ValueError(
-            f"The metric returned shape {shape}, but must return one value per row, shape ({len(batch)},)."
-        )
+
+    def splice(x: Tensor, dictionary, keep_f, keep_e, value) -> Tensor:
+        f = dictionary.encode(x)
+        e = x - dictionary.decode(f)
+        f_ablated, e_ablated = value.values(dictionary)
+        new = dictionary.decode(torch.where(keep_f, f, f_ablated)) + torch.where(keep_e, e, e_ablated)
+        return new.to(x.dtype)
+
+    replace = {site.name: partial(splice, dictionary=d, keep_f=kf, keep_e=ke, value=v)
+               for site, d, kf, ke, v in plan}
+    value = tracing.run(model, batch, [p[0] for p in plan], metric, rows, "read", replace=replace).metric
     return value.detach()
 
 

@@ -20,7 +20,9 @@ How it is computed here:
    ``d`` of them). Seeds are per position, so they come from one small local
    backward through the dictionary.
 3. Examples never interact, so one backward pass can carry one node of *every*
-   example: node ``i`` of each example goes into "slot" ``i``. The slots are
+   example: node ``i`` of each example goes into "slot" ``i``. Where the site's
+   Jacobian keeps positions apart (residual and MLP sites; a probe backward
+   checks), a slot carries one node per example *and position*. The slots are
    pushed through the model together with a batched vector-Jacobian product
    (``torch.autograd.grad(..., is_grads_batched=True)``), in chunks sized to a
    memory budget, never one backward per node.
@@ -79,7 +81,7 @@ class SiteEdges:
 
     def to_dense(self, batch: int, seq: int) -> Tensor:
         """``[b, s, F_d + 1, s, F_u + 1]`` dense weights (for tests and small models)."""
-        out = torch.zeros(batch, seq, self.down_width + 1, seq, self.up_width + 1)
+        out = torch.zeros(batch, seq, self.down_width + 1, seq, self.up_width + 1, dtype=self.weight.dtype)
         out[tuple(self.index)] = self.weight
         return out
 
@@ -99,6 +101,7 @@ class EdgeEffects:
     n_examples: int = 0
     n_selected: dict[str, int] = field(default_factory=dict)
     n_backward_slots: int = 0
+    position_local: dict[str, bool] = field(default_factory=dict)
 
 
 def select_downstream(
@@ -222,6 +225,31 @@ def _upstream_weights(
     return torch.cat(out_idx, dim=1), torch.cat(out_w)
 
 
+def _position_local(x: Tensor, leaves: list[Tensor]) -> bool:
+    """Whether ``x [b, s, d]`` depends on the leaves position by position only.
+
+    A seed on the last position reaches earlier positions of the leaves exactly
+    when something (attention) mixes positions, so one probe backward tells;
+    residual and MLP sites are position-local, attention sites are not.
+    """
+    if x.shape[1] < 2:
+        return True
+    seed = torch.zeros_like(x)
+    seed[:, -1] = 1.0
+    grads = torch.autograd.grad(x, leaves, grad_outputs=seed, retain_graph=True, allow_unused=True)
+    return all(g is None or not g[:, :-1].any() for g in grads)
+
+
+def _slots(nodes: Tensor, batch: int, seq: int, local: bool) -> tuple[Tensor, int]:
+    """A backward slot for each node ``(example, position, node)``: nodes sharing a
+    slot never share a group (the example, or the example and position if ``local``)."""
+    group = nodes[:, 0] * seq + nodes[:, 1] if local else nodes[:, 0]
+    counts = torch.bincount(group, minlength=batch * seq if local else batch)
+    order = torch.argsort(group, stable=True)
+    slot = torch.cat([torch.arange(int(c), device=nodes.device) for c in counts])[order.argsort()]
+    return slot, int(counts.max())
+
+
 @torch.enable_grad()
 def edge_effects(
     model: SFCModel,
@@ -290,11 +318,11 @@ def edge_effects(
         nodes = selected[down.name].nonzero()  # [n, 3] (example, position, node)
         result.n_selected[down.name] = len(nodes)
         seeds = _seeds(x_d, dictionaries[down.name], effects.grads[down.name], nodes)
-        # Slot i of the batched backward carries the i-th selected node of every example.
-        counts = torch.bincount(nodes[:, 0], minlength=b)
-        order = torch.argsort(nodes[:, 0], stable=True)
-        slot = torch.cat([torch.arange(int(c), device=nodes.device) for c in counts])[order.argsort()]
-        n_slots = int(counts.max())
+        # Slot i of the batched backward carries the i-th selected node of every example,
+        # or of every (example, position) when the site's Jacobian keeps positions apart.
+        local = _position_local(x_d, [leaves[u.name] for u in ups])
+        slot, n_slots = _slots(nodes, b, s, local)
+        result.position_local[down.name] = local
         # Memory per slot: the upstream gradients plus the backward's activations,
         # roughly a forward pass of the batch per slot.
         per_slot = b * s * sum(u.d for u in ups) * 4 + b * s * x_d.shape[-1] * 4 * 24
@@ -315,6 +343,8 @@ def edge_effects(
                 if G is None:
                     continue
                 Gn = wide(G[slot[in_chunk] - start, nd[:, 0]])  # noqa: N806  [n, s, d_u]
+                if local:  # a slot holds nodes at other positions too: keep each node's own
+                    Gn = Gn * (torch.arange(s, device=Gn.device)[None, :] == nd[:, 1:2])[..., None]  # noqa: N806
                 if up.name not in changed:
                     changed[up.name] = _changed_nodes(
                         effects.delta_features[up.name], effects.delta_errors[up.name], dictionaries[up.name]

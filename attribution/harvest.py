@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from attribution.cache import atomic_dir
 from attribution.models import SFCModel
 from attribution.sites import Site
-from attribution.tracing import _envoy
+from attribution.tracing import site_envoy
 
 MANIFEST = "harvest.json"
 
@@ -61,7 +61,7 @@ def _read_sites(model: SFCModel, contexts: Tensor, sites: list[Site]) -> dict[st
     saved: dict[str, Tensor] = {}
     with torch.no_grad(), model.nn.trace(contexts, attention_mask=torch.ones_like(contexts)) as tracer:
         for site in sites:
-            envoy = _envoy(model, site)
+            envoy = site_envoy(model, site)
             raw = envoy.input if site.hook == "input" else envoy.output
             x = raw[0] if isinstance(raw, tuple) else raw
             saved[site.name] = x.save()

@@ -13,8 +13,9 @@ place":
   upstream of it and on nothing else. Differentiating one site's activation
   with respect to the leaves is the Jacobian ``∇_{u, stop(M)} d`` of Eq. 5.
 
-``replace`` maps a site name to a tensor to write there instead of its
-activation (interpolations for IG, patched rows for exact patching).
+``replace`` maps a site name to what to write there instead of its activation:
+a tensor (interpolations for IG, patched rows for exact patching) or a function
+of the activation (an SAE splice with ablations, for evaluation).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class Trace:
     metric: Tensor | None = None
 
 
-def _envoy(model: SFCModel, site: Site):
+def site_envoy(model: SFCModel, site: Site):
+    """The nnsight envoy of the module that holds ``site``."""
     envoy = model.nn
     for part in site.module.split("."):
         envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
@@ -63,23 +65,24 @@ def run(
     metric: Metric | None,
     rows: Tensor,
     mode: GradMode = "read",
-    replace: dict[str, Tensor] | None = None,
+    replace: dict[str, Tensor | Callable[[Tensor], Tensor]] | None = None,
     positions: MetricPositions = "all",
 ) -> Trace:
     """One forward pass through nnsight; see the module docstring for ``mode``."""
     replace = replace or {}
     out = Trace()
-    needs_grad = mode != "read" or any(t.requires_grad for t in replace.values())
+    needs_grad = mode != "read" or any(isinstance(t, Tensor) and t.requires_grad for t in replace.values())
     grad_ctx = torch.enable_grad() if needs_grad else torch.no_grad()
     kwargs = {"logits_to_keep": 1} if positions == "last" and metric is not None else {}
     with grad_ctx, model.nn.trace(batch.input_ids, attention_mask=batch.attention_mask, **kwargs):
         for site in sites:
-            envoy = _envoy(model, site)
+            envoy = site_envoy(model, site)
             raw = envoy.input if site.hook == "input" else envoy.output
             x = raw[0] if isinstance(raw, tuple) else raw
             new = None
             if site.name in replace:
                 new = replace[site.name]
+                new = new(x) if callable(new) else new
             elif mode == "total":
                 # A leaf where nothing upstream requires grad; otherwise a copy that
                 # stays in the graph, so gradients pass straight through the site.

@@ -204,3 +204,24 @@ def test_topk_and_jumprelu_dictionaries_edges_match_finite_differences():
 
     left = 1.0 if k == sae_d.width else (ne.grads["resid_1"][b, s_d] * sae_d.W_dec[k]).sum()
     torch.testing.assert_close(e.weight[i], left * central(value, 1e-6), rtol=1e-6, atol=1e-12)
+
+
+def test_packing_positions_into_one_backward_changes_no_edge(monkeypatch):
+    """Residual and MLP sites carry one node per (example, position) in each backward;
+    attention sites mix positions and must not. The edges equal one-node-per-example packing."""
+    import attribution.edges as edges_mod
+
+    model = tiny_model("gpt_neox", torch.float64)
+    clean, patch = prompt_pairs()
+    dicts = tiny_dictionaries(model, clean)
+    metric = logit_diff_metric(len(clean))
+    ne = node_effects(model, dicts, clean, patch, metric, method="attrib", progress=False)
+    packed = edge_effects(model, dicts, clean, ne, metric, node_threshold=0.0, progress=False)
+    assert packed.position_local == {"attn_0": False, "mlp_0": True, "resid_0": True,
+                                     "attn_1": False, "mlp_1": True, "resid_1": True}
+    monkeypatch.setattr(edges_mod, "_position_local", lambda x, leaves: False)
+    plain = edge_effects(model, dicts, clean, ne, metric, node_threshold=0.0, progress=False)
+    assert packed.n_backward_slots < plain.n_backward_slots
+    for key, e in plain.pairs.items():
+        b, s = clean.shape
+        torch.testing.assert_close(packed.pairs[key].to_dense(b, s), e.to_dense(b, s), rtol=1e-10, atol=1e-14)
