@@ -169,15 +169,16 @@ def _states(
             fp, ep = torch.zeros_like(fc), torch.zeros_like(ec)
             xp = dic.decode(fp) + ep
         else:  # position-wise mean over the real tokens of the batch
-            w = mask.to(fc.dtype)
+            w = mask.to(device=fc.device, dtype=fc.dtype)
             denom = w.sum(0).clamp(min=1)
             fp = ((fc * w).sum(0) / denom).expand_as(fc)
             ep = ((ec * w).sum(0) / denom).expand_as(ec)
             xp = dic.decode(fp) + ep
         # Padding positions carry no node: their deltas are zero by definition.
         x_c[site.name], x_p[site.name], f_c[site.name] = xc, xp, fc
-        d_f[site.name] = (fp - fc) * mask.to(fc.dtype)
-        d_e[site.name] = (ep - ec) * mask.to(ec.dtype)
+        m = mask.to(device=fc.device, dtype=fc.dtype)  # each site may live on its own device
+        d_f[site.name] = (fp - fc) * m
+        d_e[site.name] = (ep - ec) * m
     return _States(x_c, x_p, f_c, d_f, d_e, run_c.metric, None if run_p is None else run_p.metric)
 
 
@@ -242,19 +243,20 @@ def integrated_gradients(
     ``max_rows``). Returns the mean gradient ``grads[site] [b, s, d]``.
     """
     b = len(clean)
-    weights = ig_alphas(steps, points).to(clean.input_ids.device)
+    weights = ig_alphas(steps, points)
     per_pass = max(1, max_rows // b)
     grads: dict[str, Tensor] = {}
     bar = tqdm(sites, desc=f"IG ({steps} steps)", disable=not progress, unit="site")
     for site in bar:
         xc, xp = st.x_clean[site.name], st.x_patch[site.name]
         total = torch.zeros_like(xc)
+        weights = weights.to(xc.device)
         for start in range(0, steps, per_pass):
             w = weights[start : start + per_pass]
             n = len(w)
             path = (xc[None] + w[:, None, None, None] * (xp - xc)[None]).reshape(n * b, *xc.shape[1:])
             path = path.detach().requires_grad_()
-            rows = torch.arange(b, device=xc.device).repeat(n)
+            rows = torch.arange(b, device=clean.input_ids.device).repeat(n)
             tr = tracing.run(model, clean.repeat(n), [site], metric, rows, "read", replace={site.name: path},
                              positions=positions)
             (g,) = torch.autograd.grad(tr.metric.sum(), [path])
@@ -293,10 +295,11 @@ def exact_patching(
             sl = slice(start, start + max_rows)
             rows = ex[sl]
             x = xc[rows].clone()
-            x[torch.arange(len(rows)), pos[sl]] += vec[sl]
-            tr = tracing.run(model, clean.rows(rows), [site], metric, rows, "read", replace={site.name: x},
-                             positions=positions)
-            out[sl] = tr.metric - st.metric_clean[rows]
+            x[torch.arange(len(rows), device=x.device), pos[sl]] += vec[sl]
+            rows_in = rows.to(clean.input_ids.device)
+            tr = tracing.run(model, clean.rows(rows_in), [site], metric, rows_in, "read",
+                             replace={site.name: x}, positions=positions)
+            out[sl] = (tr.metric - st.metric_clean[rows_in]).to(out.device)
         fe = torch.zeros_like(df)
         fe[f_idx[:, 0], f_idx[:, 1], f_idx[:, 2]] = out[: len(f_idx)]
         ee = torch.zeros(df.shape[:2], device=xc.device, dtype=xc.dtype)
