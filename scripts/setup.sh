@@ -26,3 +26,5 @@ if [[ "${1:-}" == "--dev" ]]; then
 else
     "$PY" -m pip install -q -e .
 fi
+# pyenv installs console scripts (sfc) behind shims that need refreshing.
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash 2>/dev/null || true; fi
