@@ -19,6 +19,7 @@ File loaders for dictionary_learning, SAELens and Gemma Scope layouts live in
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Literal
 
 import torch
@@ -27,14 +28,15 @@ from torch import Tensor, nn
 Activation = Literal["relu", "topk", "jumprelu"]
 
 
-class Dictionary(nn.Module):
+class Dictionary(nn.Module, ABC):
     """Interface: ``encode``, ``decode``, ``W_dec [F, d]`` and ``b_dec [d]``."""
 
     d: int
     width: int
 
+    @abstractmethod
     def encode(self, x: Tensor) -> Tensor:  # [..., d] -> [..., F]
-        raise NotImplementedError
+        """Features ``[..., F]`` of activations ``[..., d]``."""
 
     def decode(self, f: Tensor) -> Tensor:  # [..., F] -> [..., d]
         return f @ self.W_dec + self.b_dec
@@ -48,12 +50,14 @@ class Dictionary(nn.Module):
         return self.decode(f), f
 
     @property
+    @abstractmethod
     def W_dec(self) -> Tensor:  # noqa: N802 - the paper's name
-        raise NotImplementedError
+        """Decoder rows ``[F, d]``."""
 
     @property
+    @abstractmethod
     def b_dec(self) -> Tensor:
-        raise NotImplementedError
+        """Decoder bias ``[d]``: the reconstruction of the all-zero feature vector."""
 
 
 class SAE(Dictionary):

@@ -194,7 +194,7 @@ def test_gemma_scope_params_npz_matches_the_jumprelu_formula(tmp_path, by):
 # Round trips -----------------------------------------------------------------------------
 
 
-def encode_decode_equal(a: SAE, b: SAE) -> None:
+def assert_same_encoding(a: SAE, b: SAE) -> None:
     """Bit-equal parameters, and equal encode/decode up to matmul rounding (the layouts differ)."""
     for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
         assert torch.equal(getattr(b, name), getattr(a, name)), name
@@ -210,7 +210,7 @@ def test_save_then_load_gives_the_same_dictionary(tmp_path, activation):
     loaded = load_dictionary(tmp_path / "d")
     assert (loaded.activation, loaded.k, loaded.d, loaded.width) == (activation, sae.k, 8, 24)
     assert json.loads((tmp_path / "d" / "config.json").read_text())["sfc"] == {"site": "resid_0"}
-    encode_decode_equal(sae, loaded)
+    assert_same_encoding(sae, loaded)
 
 
 def test_save_then_load_gives_the_same_jumprelu_dictionary_without_b_dec_subtraction(tmp_path):
@@ -218,14 +218,14 @@ def test_save_then_load_gives_the_same_jumprelu_dictionary_without_b_dec_subtrac
     sae = SAE(p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"], "jumprelu", threshold=p["threshold"],
               subtract_decoder_bias=False)
     save_dictionary(sae, tmp_path / "d")
-    encode_decode_equal(sae, load_dictionary(tmp_path / "d"))
+    assert_same_encoding(sae, load_dictionary(tmp_path / "d"))
 
 
 def test_save_then_load_gives_the_same_jumprelu_dictionary_with_b_dec_subtraction(tmp_path):
     sae = calibrate_sparsity(random_sae(8, 24, "jumprelu", seed=2), torch.randn(200, 8), 4)
     assert sae.subtract_decoder_bias
     save_dictionary(sae, tmp_path / "d")
-    encode_decode_equal(sae, load_dictionary(tmp_path / "d"))
+    assert_same_encoding(sae, load_dictionary(tmp_path / "d"))
 
 
 def test_a_relu_sae_without_b_dec_subtraction_cannot_be_saved_as_dictionary_learning(tmp_path):
