@@ -225,19 +225,19 @@ def _upstream_weights(
     return torch.cat(out_idx, dim=1), torch.cat(out_w)
 
 
-def _position_local(x: Tensor, leaves: list[Tensor]) -> bool:
-    """Whether ``x [b, s, d]`` depends on the leaves position by position only.
+def _probe(x: Tensor, leaves: list[Tensor]) -> tuple[list[bool], bool]:
+    """Which leaves ``x [b, s, d]`` depends on (its adjacent sites), and whether it
+    depends on them position by position only.
 
     A seed on the last position reaches earlier positions of the leaves exactly
-    when something (attention) mixes positions, so one probe backward tells;
+    when something (attention) mixes positions, so one probe backward tells both;
     residual and MLP sites are position-local, attention sites are not.
     """
-    if x.shape[1] < 2:
-        return True
     seed = torch.zeros_like(x)
     seed[:, -1] = 1.0
     grads = torch.autograd.grad(x, leaves, grad_outputs=seed, retain_graph=True, allow_unused=True)
-    return all(g is None or not g[:, :-1].any() for g in grads)
+    local = x.shape[1] < 2 or all(g is None or not g[:, :-1].any() for g in grads)
+    return [g is not None for g in grads], local
 
 
 def _slots(nodes: Tensor, batch: int, seq: int, local: bool) -> tuple[Tensor, int]:
@@ -311,7 +311,10 @@ def edge_effects(
         if down not in work:
             continue
         x_d = tr.acts[down.name]
-        ups = [u for u in sites[:i_d]]
+        ups = sites[:i_d]
+        if x_d.requires_grad and ups:
+            used, local = _probe(x_d, [leaves[u.name] for u in ups])
+            ups = [u for u, is_used in zip(ups, used) if is_used]
         if not x_d.requires_grad or not ups:
             bar.update(int(selected[down.name].sum()))
             continue
@@ -320,7 +323,6 @@ def edge_effects(
         seeds = _seeds(x_d, dictionaries[down.name], effects.grads[down.name], nodes)
         # Slot i of the batched backward carries the i-th selected node of every example,
         # or of every (example, position) when the site's Jacobian keeps positions apart.
-        local = _position_local(x_d, [leaves[u.name] for u in ups])
         slot, n_slots = _slots(nodes, b, s, local)
         result.position_local[down.name] = local
         # Memory per slot: the upstream gradients plus the backward's activations,

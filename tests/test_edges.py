@@ -219,7 +219,8 @@ def test_packing_positions_into_one_backward_changes_no_edge(monkeypatch):
     packed = edge_effects(model, dicts, clean, ne, metric, node_threshold=0.0, progress=False)
     assert packed.position_local == {"attn_0": False, "mlp_0": True, "resid_0": True,
                                      "attn_1": False, "mlp_1": True, "resid_1": True}
-    monkeypatch.setattr(edges_mod, "_position_local", lambda x, leaves: False)
+    probe = edges_mod._probe
+    monkeypatch.setattr(edges_mod, "_probe", lambda x, leaves: (probe(x, leaves)[0], False))
     plain = edge_effects(model, dicts, clean, ne, metric, node_threshold=0.0, progress=False)
     assert packed.n_backward_slots < plain.n_backward_slots
     for key, e in plain.pairs.items():
