@@ -150,15 +150,17 @@ def _states(
     metric: tracing.Metric,
     ablation: Ablation,
     positions: tracing.MetricPositions = "all",
+    clean_run: tracing.Trace | None = None,
 ) -> _States:
+    """Clean and patch states of every site; ``clean_run`` reuses a clean pass already made."""
     rows = torch.arange(len(clean), device=clean.input_ids.device)
-    run_c = tracing.run(model, clean, sites, metric, rows, "read", positions=positions)
+    run_c = clean_run or tracing.run(model, clean, sites, metric, rows, "read", positions=positions)
     run_p = tracing.run(model, patch, sites, metric, rows, "read", positions=positions) if patch is not None else None
     mask = clean.attention_mask[..., None]
     x_c, x_p, f_c, d_f, d_e = {}, {}, {}, {}, {}
     for site in sites:
         dic = dictionaries[site.name]
-        xc = wide(run_c.acts[site.name])
+        xc = wide(run_c.acts[site.name].detach())
         fc = dic.encode(xc)
         ec = xc - dic.decode(fc)
         if run_p is not None:
@@ -179,7 +181,8 @@ def _states(
         m = mask.to(device=fc.device, dtype=fc.dtype)  # each site may live on its own device
         d_f[site.name] = (fp - fc) * m
         d_e[site.name] = (ep - ec) * m
-    return _States(x_c, x_p, f_c, d_f, d_e, run_c.metric, None if run_p is None else run_p.metric)
+    m_patch = None if run_p is None else run_p.metric
+    return _States(x_c, x_p, f_c, d_f, d_e, run_c.metric.detach(), m_patch)
 
 
 def project_effects(
@@ -195,20 +198,15 @@ def project_effects(
 
 
 @torch.enable_grad()
-def attribution_patching(
-    model: SFCModel, sites: list[Site], dictionaries: dict[str, Dictionary], clean: Batch,
-    st: _States, metric: tracing.Metric, positions: tracing.MetricPositions = "all",
-) -> dict[str, Tensor]:
+def attribution_patching(clean_run: tracing.Trace, sites: list[Site]) -> dict[str, Tensor]:
     """Eq. 3: ``ÎE_atp = ∇_a m |_{clean} · (a_patch − a_clean)``.
 
-    One forward and one backward on the clean prompts give ∇_x m at every site
-    at once (the whole-model gradient, i.e. the pass-through gradient).
-    Returns ``grads[site] [b, s, d]``.
+    ``clean_run`` is one clean forward pass in ``total`` mode; one backward gives
+    ∇_x m at every site at once (the whole-model gradient, i.e. the pass-through
+    gradient). Returns ``grads[site] [b, s, d]``.
     """
-    rows = torch.arange(len(clean), device=clean.input_ids.device)
-    tr = tracing.run(model, clean, sites, metric, rows, "total", positions=positions)
-    tensors = [tr.acts[s.name] for s in sites]
-    grads = torch.autograd.grad(tr.metric.sum(), tensors, allow_unused=True)
+    tensors = [clean_run.acts[s.name] for s in sites]
+    grads = torch.autograd.grad(clean_run.metric.sum(), tensors, allow_unused=True)
     return {s.name: wide((g if g is not None else torch.zeros_like(t)).detach())
             for s, g, t in zip(sites, grads, tensors)}
 
@@ -346,7 +344,13 @@ def node_effects(
     if method not in ("attrib", "ig", "exact"):
         raise ValueError(f"Unknown method {method!r}: choose 'attrib', 'ig' or 'exact'.")
     pos = metric_positions
-    st = _states(model, sites, dictionaries, clean_b, patch_b, metric, ablation, pos)
+    # Attribution patching needs the clean pass with gradients; the states reuse it.
+    clean_run = None
+    if method == "attrib":
+        rows = torch.arange(len(clean_b), device=clean_b.input_ids.device)
+        with torch.enable_grad():
+            clean_run = tracing.run(model, clean_b, sites, metric, rows, "total", positions=pos)
+    st = _states(model, sites, dictionaries, clean_b, patch_b, metric, ablation, pos, clean_run)
 
     grads: dict[str, Tensor | None]
     if method == "exact":
@@ -355,7 +359,7 @@ def node_effects(
         grads = {s.name: None for s in sites}
     else:
         if method == "attrib":
-            grads = attribution_patching(model, sites, dictionaries, clean_b, st, metric, pos)
+            grads = attribution_patching(clean_run, sites)
         else:
             grads = integrated_gradients(
                 model, sites, clean_b, st, metric, steps=steps, points=ig_points,

@@ -166,8 +166,7 @@ def train_topk(
     last_fired = torch.zeros(config.width, dtype=torch.long, device=device)  # token count at last firing
     stats = TrainStats(initial_fvu=initial_fvu, scale=scale)
     start, seen, step = time.time(), 0, 0
-    fvu_sum, fvu_n, fired_in_epoch = 0.0, 0, torch.zeros(config.width, dtype=torch.bool, device=device)
-    epoch_tokens = 0
+    fvu_sum, fvu_n = 0.0, 0
     bar = tqdm(total=total_steps, desc=desc, unit="step")
     while step < total_steps:
         for a, b in _chunks(n, chunk_rows, gen):
@@ -201,8 +200,6 @@ def train_topk(
                 seen += x.shape[0]
                 last_fired[fired] = seen
                 step += 1
-                fired_in_epoch |= fired
-                epoch_tokens += x.shape[0]
                 # FVU and dead fraction are reported over the last epoch's worth of tokens.
                 if total_steps - step < n // config.batch_size:
                     fvu_sum += float(_fvu(err.detach(), x)) * x.shape[0]
@@ -211,9 +208,6 @@ def train_topk(
                     stats.history.append(float(_fvu(err.detach(), x)))
                     bar.set_postfix(fvu=f"{stats.history[-1]:.3f}", dead=f"{float(dead.float().mean()):.2f}")
                 bar.update(1)
-                if epoch_tokens >= n and step < total_steps:
-                    fired_in_epoch.zero_()
-                    epoch_tokens = 0
             if step >= total_steps:
                 break
     bar.close()

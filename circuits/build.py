@@ -76,7 +76,7 @@ def build_circuit(
     kept = {n.id for n in nodes}
     out_edges: list[Edge] = []
     if edges is not None:
-        out_edges = _edges(edges, aggregation, kept, edge_threshold, {k: d for k, d in _widths(effects).items()})
+        out_edges = _edges(edges, aggregation, kept, edge_threshold, _widths(effects))
     metadata = CircuitMetadata(
         model=model, sites=[s.name for s in effects.sites], n_layers=n_layers,
         dictionaries=dict(dictionaries or {}), task=task, method=effects.method, aggregation=aggregation,

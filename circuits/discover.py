@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -29,7 +29,6 @@ import torch
 from torch import Tensor
 
 from ablation.evaluate import faithfulness
-from ablation.masks import masks_from_effects, n_nodes
 from ablation.sweep import CurvePoint, sweep
 from attribution.dictionaries import Dictionary
 from attribution.dictionary_io import atomic_write_bytes
@@ -208,9 +207,5 @@ def write_outputs(out: Path, result: DiscoverResult) -> None:
     save_effects(out / "effects.npz", result.effects_features, result.effects_errors)
 
 
-def config_dict(cfg: DiscoverConfig) -> dict:
-    return asdict(cfg)
-
-
 __all__ = ["DiscoverConfig", "DiscoverResult", "discover", "evaluate", "sweep_curve", "write_outputs",
-           "load_effects", "save_effects", "task_accuracy", "masks_from_effects", "n_nodes"]
+           "load_effects", "save_effects", "task_accuracy"]

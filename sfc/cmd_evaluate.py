@@ -43,8 +43,7 @@ def run(args) -> int:
     dicts, _ = load_dictionary_set(model, md.model, folder, list(md.sites), neurons)
     cfg = DiscoverConfig(n_test=int(md.extra.get("n_test", 40)), aggregation=md.aggregation,
                          start_layer=int(md.extra.get("start_layer", -1)))
-    task = load_task(task_name, model, 0 if not task_name.endswith(".jsonl") else 10**9, cfg.n_test,
-                     int(md.extra.get("seed", 0)))
+    task = load_task(task_name, model, 0, cfg.n_test, int(md.extra.get("seed", 0)))  # the test split only
     if args.sweep:
         feats, errs = load_effects(effects_path)
         curve = sweep_curve(model, dicts, feats, errs, task.test, cfg, args.thresholds)

@@ -33,15 +33,24 @@ def grad_at_site(model, clean, site, metric):
     return g
 
 
-def downstream_value(sae, x, node, grad):
+def topk_parts(sae, x):
+    """Features and error of a TopK SAE, written out in full."""
+    pre = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    top = pre.topk(sae.k, dim=-1)
+    f = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+    return f, x - (f @ sae.W_dec + sae.b_dec)
+
+
+def downstream_value(sae, x, node, grad, parts=sae_parts):
     """The downstream node's value: feature k, or A · ε with A = ∇_x m (the JVP trick)."""
-    f, e = sae_parts(sae, x)
+    f, e = parts(sae, x)
     if node == sae.width:
         return (grad * e).sum(-1)
     return f[..., node]
 
 
-def fd_edge(model, dicts, clean, acts_c, up, down, b, s_d, k, s_u, j, delta_f, delta_e, g_down, h=1e-6):
+def fd_edge(model, dicts, clean, acts_c, up, down, b, s_d, k, s_u, j, delta_f, delta_e, g_down, h=1e-6,
+            parts=sae_parts):
     sites = model.all_sites()
     sae_u, sae_d = dicts[up], dicts[down]
     vec = delta_e[b, s_u] if j == sae_u.width else delta_f[b, s_u, j] * sae_u.W_dec[j]
@@ -53,7 +62,7 @@ def fd_edge(model, dicts, clean, acts_c, up, down, b, s_d, k, s_u, j, delta_f, d
             x[b, s_u] += t * vec
             return x
         _, seen = run_hooked(model.hf, clean, sites, {**frozen, up: nudge})
-        return downstream_value(sae_d, seen[down][b, s_d], k, g_down[b, s_d])
+        return downstream_value(sae_d, seen[down][b, s_d], k, g_down[b, s_d], parts)
 
     left = 1.0 if k == sae_d.width else (g_down[b, s_d] * sae_d.W_dec[k]).sum()
     return left * central(value, h)
@@ -171,39 +180,21 @@ def test_only_selected_downstream_nodes_get_edges_and_aggregation_is_a_mean():
         torch.testing.assert_close(w, dense.mean(0)[tuple(idx)])
 
 
-def test_topk_and_jumprelu_dictionaries_edges_match_finite_differences():
+def test_topk_dictionary_edges_match_finite_differences():
     model = tiny_model("llama", torch.float64)
     clean, patch = prompt_pairs()
     dicts = tiny_dictionaries(model, clean, activation="topk")
     metric = logit_diff_metric(len(clean))
     ne = node_effects(model, dicts, clean, patch, metric, method="attrib", progress=False)
     ee = edge_effects(model, dicts, clean, ne, metric, node_threshold=0.0, progress=False)
+    _, acts_c = run_hooked(model.hf, clean, model.all_sites())
     e = ee.pairs[("attn_1", "resid_1")]
-    i = e.weight.abs().argmax().item()
-    b, s_d, k, s_u, j = e.index[:, i].tolist()
-    sites = model.all_sites()
-    _, acts_c = run_hooked(model.hf, clean, sites)
-    sae_d = dicts["resid_1"]
-    frozen = {st.name: (lambda x, n=st.name: acts_c[n]) for st in sites if st.name != "attn_1"}
-    up = dicts["attn_1"]
-    vec = ne.delta_errors["attn_1"][b, s_u] if j == up.width else ne.delta_features["attn_1"][b, s_u, j] * up.W_dec[j]
-
-    def value(t):
-        def nudge(x):
-            x = acts_c["attn_1"].clone()
-            x[b, s_u] += t * vec
-            return x
-        _, seen = run_hooked(model.hf, clean, sites, {**frozen, "attn_1": nudge})
-        y = seen["resid_1"][b, s_d]
-        pre = torch.relu((y - sae_d.b_dec) @ sae_d.W_enc + sae_d.b_enc)
-        top = pre.topk(sae_d.k)
-        f = torch.zeros_like(pre).scatter(0, top.indices, top.values)
-        if k == sae_d.width:
-            return (ne.grads["resid_1"][b, s_d] * (y - f @ sae_d.W_dec - sae_d.b_dec)).sum()
-        return f[k]
-
-    left = 1.0 if k == sae_d.width else (ne.grads["resid_1"][b, s_d] * sae_d.W_dec[k]).sum()
-    torch.testing.assert_close(e.weight[i], left * central(value, 1e-6), rtol=1e-6, atol=1e-12)
+    for i in (e.weight.abs().argmax().item(), (e.index[4] == e.up_width).nonzero()[0, 0].item()):
+        b, s_d, k, s_u, j = e.index[:, i].tolist()
+        truth = fd_edge(model, dicts, clean, acts_c, "attn_1", "resid_1", b, s_d, k, s_u, j,
+                        ne.delta_features["attn_1"], ne.delta_errors["attn_1"], ne.grads["resid_1"],
+                        parts=topk_parts)
+        torch.testing.assert_close(e.weight[i], truth, rtol=1e-6, atol=1e-12)
 
 
 def test_packing_positions_into_one_backward_changes_no_edge(monkeypatch):
