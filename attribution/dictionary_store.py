@@ -5,9 +5,11 @@
 model id, site, ``d``, width, ``k``, tokens trained and training statistics.
 
 - :func:`build_dictionaries` harvests all requested sites in one pass over
-  the corpus, then trains one TopK SAE per site. Each site folder appears
-  atomically when its SAE is done, so an interrupted build resumes: finished
-  sites are skipped and a complete harvest is reused.
+  the corpus, then trains one TopK SAE per site, bottom-up; each residual SAE
+  starts from the one of the residual site below it (see
+  :mod:`attribution.training`). Each site folder appears atomically when its
+  SAE is done, so an interrupted build resumes: finished sites are skipped (and
+  still seed the next site) and a complete harvest is reused.
 - :func:`load_dictionaries` loads the set and refuses files that are missing,
   corrupt, or built for another model.
 - :func:`evaluate_dictionaries` measures each dictionary on held-out text:
@@ -41,7 +43,7 @@ from attribution.dictionary_io import (
     read_metadata,
     save_dictionary,
 )
-from attribution.harvest import harvest
+from attribution.harvest import dtype_name, fast_dtype, harvest
 from attribution.models import Batch, SFCModel
 from attribution.sites import Site
 from attribution.tracing import run
@@ -139,13 +141,19 @@ def build_dictionaries(
     contexts: Tensor | None = None,
     batch_size: int = 16,
     keep_activations: bool = False,
+    warm_start: bool = True,
+    harvest_dtype: torch.dtype | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Path]:
     """Harvest ``sites`` over about ``n_tokens`` corpus tokens and train one TopK SAE per site.
 
     Sites whose folder already holds a dictionary of this model, ``d``, width
-    and ``k`` are skipped. ``contexts [n, ctx_len]`` overrides the corpus
-    (tests use it). Returns ``{site: folder}``.
+    and ``k`` are skipped. Sites train in depth order; with ``warm_start`` a
+    site starts from the dictionary of the previous site of the same kind and
+    ``d`` (recorded as ``init_from`` in its metadata). The model runs in
+    ``harvest_dtype`` for the harvest (``None``: :func:`~attribution.harvest.fast_dtype`
+    of its device). ``contexts [n, ctx_len]`` overrides the corpus (tests use
+    it). Returns ``{site: folder}``.
     """
     root = root or dictionary_cache(model.name)
     remove_stale_temporaries(root)
@@ -162,29 +170,41 @@ def build_dictionaries(
         acts_root = activation_cache(model.name)
         remove_stale_temporaries(acts_root)
         # Harvest every requested site (not only those left), so a resumed build reuses it.
+        dtype = harvest_dtype or fast_dtype(model.device)
         t0 = time.time()
         acts = harvest(model, sites, contexts, acts_root, batch_size=batch_size,
-                       skip_first=SKIP_FIRST, corpus_sha=sha)
-        log(f"harvested {len(sites)} sites x {contexts.numel()} tokens in {time.time() - t0:.0f} s")
-        for site in todo:
-            sae, stats = train_topk(acts[site.name], config, desc=f"train {site.name}")
+                       skip_first=SKIP_FIRST, corpus_sha=sha, dtype=dtype)
+        log(f"harvested {len(sites)} sites x {contexts.numel()} tokens in {time.time() - t0:.0f} s "
+            f"(model in {dtype_name(dtype)})")
+        previous: dict[tuple[str, int], tuple[str, Path]] = {}  # (kind, d) -> last site trained or built
+        for site in sorted(sites, key=lambda s: s.order):
+            source = previous.get((site.kind, site.d)) if warm_start else None
+            previous[(site.kind, site.d)] = (site.name, root / site.name)
+            if site not in todo:
+                continue
+            init = load_dictionary(source[1]) if source else None
+            sae, stats = train_topk(acts[site.name], config, desc=f"train {site.name}", init=init)
             metadata = {
                 "model": model.name, "site": site.name, "d": site.d, "width": config.width,
                 "k": config.k, "tokens_trained": stats.tokens_trained,
                 "tokens_harvested": int(acts[site.name].shape[0]), "skip_first": SKIP_FIRST,
-                "corpus_sha256": sha,
+                "corpus_sha256": sha, "harvest_dtype": dtype_name(dtype),
+                "init_from": source[0] if source else None,
                 "train": {
                     "steps": stats.steps, "seconds": round(stats.seconds, 1),
                     "initial_fvu": stats.initial_fvu, "final_fvu": stats.final_fvu,
                     "dead_fraction": stats.dead_fraction, "scale": stats.scale,
                     "epochs": config.epochs, "batch_size": config.batch_size, "lr": config.lr,
                     "aux_coef": config.aux_coef, "dead_after": config.dead_after, "seed": config.seed,
+                    "norm_cap": config.norm_cap, "capped_rows": stats.capped_rows,
+                    "refit_fvu": stats.refit_fvu, "ridge": config.ridge,
                 },
             }
             with atomic_dir(root / site.name) as tmp:
                 save_dictionary(sae, tmp, metadata)
-            log(f"{site.name}: fvu {stats.final_fvu:.3f}, dead {stats.dead_fraction:.3f}, "
-                f"{stats.seconds:.0f} s")
+            refit = f" -> {stats.refit_fvu[1]:.3f} after the decoder refit" if stats.refit_fvu else ""
+            log(f"{site.name}: fvu {stats.final_fvu:.3f}{refit}, dead {stats.dead_fraction:.3f}, "
+                f"{stats.seconds:.0f} s" + (f" (from {source[0]})" if source else ""))
         if not keep_activations:
             harvest_folder = Path(acts[sites[0].name].filename).parent
             del acts

@@ -11,6 +11,17 @@ SmolLM2 (as in most LMs) the first position is an *attention sink* whose
 residual norm is 10-100x that of other tokens; a dictionary trained on it
 would spend its capacity on one outlier direction.
 
+The model may run in another dtype than its own for the harvest
+(``dtype=``, a copy of it; the caller's model is left untouched).
+:func:`fast_dtype` picks bfloat16 where the hardware multiplies it natively
+(CUDA with bf16 support; CPUs with AVX512-BF16 or AMX), where the forward
+pass is about 3x faster (measured on SmolLM2 on two AVX512-BF16 cores: 2,000
+against 620 tokens/s). Its activations differ from the fp32 model's by about
+5e-4 of their variance at every SmolLM2 residual site, far below the error of
+any dictionary trained on them (about 0.1-0.2 of the variance); dictionaries
+are still evaluated on the fp32 model. Elsewhere bf16 is emulated, and slower
+than fp32, so fp32 is kept.
+
 A harvest folder is complete only once renamed into place (see
 :func:`attribution.cache.atomic_dir`); ``harvest.json`` records what it holds,
 so a resumed build reuses it only when it matches the request.
@@ -18,6 +29,7 @@ so a resumed build reuses it only when it matches the request.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -46,6 +58,7 @@ class HarvestSpec:
     ctx_len: int
     skip_first: int
     corpus_sha: str
+    dtype: str = "float32"  # the dtype the model ran in
 
     @property
     def n_tokens(self) -> int:
@@ -56,10 +69,27 @@ class HarvestSpec:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``"float32"`` for ``torch.float32``: the name harvest manifests and metadata record."""
+    return str(dtype).removeprefix("torch.")
+
+
+def fast_dtype(device: torch.device | str) -> torch.dtype:
+    """bfloat16 where ``device`` multiplies it natively (see the module docstring), else float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        native = [getattr(torch.cpu, name, lambda: False)
+                  for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        return torch.bfloat16 if any(f() for f in native) else torch.float32
+    return torch.float32
+
+
 def _read_sites(model: SFCModel, contexts: Tensor, sites: list[Site]) -> dict[str, Tensor]:
     """Activations ``{site: [b, s, d]}`` for one batch, stopping after the deepest site."""
     saved: dict[str, Tensor] = {}
-    with torch.no_grad(), model.nn.trace(contexts, attention_mask=torch.ones_like(contexts)) as tracer:
+    with torch.inference_mode(), model.nn.trace(contexts, attention_mask=torch.ones_like(contexts)) as tracer:
         for site in sites:
             envoy = site_envoy(model, site)
             raw = envoy.input if site.hook == "input" else envoy.output
@@ -79,19 +109,26 @@ def harvest(
     skip_first: int = 1,
     corpus_sha: str = "",
     desc: str = "harvest",
+    dtype: torch.dtype | None = None,
 ) -> dict[str, np.ndarray]:
     """Record ``sites`` over ``contexts [n, ctx_len]`` under ``root``; return read-only memmaps.
 
     The harvest lives in ``root/<spec key>``. Returns ``{site: [n * (ctx_len -
-    skip_first), d]}``. A complete harvest of the same spec is reused without
-    running the model.
+    skip_first), d]}``, always float32. ``dtype`` is the dtype the model runs
+    in (``None``: its own); another one runs a converted copy. A complete
+    harvest of the same spec (dtype included) is reused without running the model.
     """
     sites = sorted(sites, key=lambda s: s.order)
     n, ctx_len = contexts.shape
-    spec = HarvestSpec(model.name, tuple(s.name for s in sites), n, ctx_len, skip_first, corpus_sha)
+    own = next(model.hf.parameters()).dtype
+    dtype = dtype or own
+    spec = HarvestSpec(model.name, tuple(s.name for s in sites), n, ctx_len, skip_first, corpus_sha,
+                       dtype_name(dtype))
     folder = root / spec.key()
     if load_manifest(folder) == spec:
         return open_harvest(folder, spec)
+    if dtype != own:
+        model = SFCModel(copy.deepcopy(model.hf).to(dtype), model.tokenizer, name=model.name)
     device = model.device
     with atomic_dir(folder) as tmp:
         arrays = {

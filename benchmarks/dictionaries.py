@@ -1,6 +1,6 @@
 """Measure the cached SmolLM2 dictionary set against its targets; print one JSON object.
 
-    python benchmarks/dictionaries.py [--build] [--tokens N] [--heldout N]
+    python benchmarks/dictionaries.py [--build] [--tokens N] [--heldout N (default 8192)]
 
 With ``--build`` the default scope is (re)built first and the build is timed
 (run it on an empty ``$SFC_CACHE`` to time a first build). Then it times
@@ -33,7 +33,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--build", action="store_true", help="build the default scope first (timed)")
     parser.add_argument("--tokens", type=int, default=None, help="harvest tokens for --build")
-    parser.add_argument("--heldout", type=int, default=2048, help="held-out tokens for the report")
+    parser.add_argument("--heldout", type=int, default=8192, help="held-out tokens for the report")
     args = parser.parse_args()
 
     result: dict = {"threads": torch.get_num_threads()}
@@ -64,8 +64,10 @@ def main() -> int:
     result.update({
         "sites": rows,
         "tokens_trained": {s: m.get("tokens_trained") for s, m in metadata.items()},
+        "train_fvu_refit": {s: (m.get("train") or {}).get("refit_fvu") for s, m in metadata.items()},
         "summary": {
             "variance_explained_min": min(ve),
+            "sites_variance_explained_at_least_0.80": sum(v >= 0.80 for v in ve),
             "l0_mean": statistics.mean(r["l0"] for r in rows),
             "dead_fraction_max": max(dead) if dead else None,
             "ce_loss_recovered_median": statistics.median(ce),

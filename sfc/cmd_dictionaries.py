@@ -17,8 +17,9 @@ import sys
 import time
 
 DEFAULT_WIDTH = 2304  # 4 x d_model of SmolLM2
-DEFAULT_K = 32
-DEFAULT_TOKENS = 100_000
+DEFAULT_K = 64
+DEFAULT_TOKENS = 200_000
+DEFAULT_EPOCHS = 2.0
 
 
 def add_parser(subparsers) -> None:
@@ -36,7 +37,10 @@ def add_parser(subparsers) -> None:
             q.add_argument("--width", type=int, default=DEFAULT_WIDTH, help="latents per SAE")
             q.add_argument("--k", type=int, default=DEFAULT_K, help="active latents per token (TopK)")
             q.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="corpus tokens to harvest")
-            q.add_argument("--epochs", type=float, default=2.0, help="passes over the harvest per SAE")
+            q.add_argument("--epochs", type=float, default=DEFAULT_EPOCHS, help="passes over the harvest per SAE")
+            q.add_argument("--harvest-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                           help="dtype the model runs in for the harvest (auto: bfloat16 where the "
+                                "hardware has native bf16 matmuls, else float32)")
             q.add_argument("--keep-activations", action="store_true",
                            help="keep the harvested activations after a complete build")
         else:
@@ -64,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace, model, sites) -> int:
+    import torch
+
     from attribution.dictionary_store import build_dictionaries
     from attribution.training import TrainConfig
 
@@ -71,8 +77,9 @@ def _build(args: argparse.Namespace, model, sites) -> int:
         print(f"note: k={args.k} gives circuits with more than 64 active features per token.", file=sys.stderr)
     config = TrainConfig(width=args.width, k=args.k, epochs=args.epochs, device=args.device)
     start = time.time()
+    dtype = None if args.harvest_dtype == "auto" else getattr(torch, args.harvest_dtype)
     folders = build_dictionaries(model, sites, config, args.tokens, keep_activations=args.keep_activations,
-                                 log=lambda m: print(m, file=sys.stderr))
+                                 harvest_dtype=dtype, log=lambda m: print(m, file=sys.stderr))
     print(f"{len(folders)} dictionaries ready under {next(iter(folders.values())).parent} "
           f"({time.time() - start:.0f} s).", file=sys.stderr)
     return 0

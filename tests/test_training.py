@@ -57,14 +57,31 @@ def trained(acts):
     return train_topk(acts, CONFIG)
 
 
-def test_harvest_matches_a_plain_forward_pass(model, contexts, acts):
+@pytest.fixture(scope="module")
+def plain_resid_1(model, contexts) -> torch.Tensor:
+    """resid_1 at positions >= 1 from a plain fp32 forward pass with a torch hook, ``[n, 32]``."""
     seen = []
     hook = model.hf.model.layers[1].register_forward_hook(lambda m, i, o: seen.append(o[0] if isinstance(o, tuple) else o))
     with torch.no_grad():
         model.hf(contexts)
     hook.remove()
-    hidden = seen[0]
-    assert torch.allclose(acts, hidden[:, 1:].reshape(-1, 32), atol=1e-5)
+    return seen[0][:, 1:].reshape(-1, 32)
+
+
+def test_harvest_matches_a_plain_forward_pass(acts, plain_resid_1):
+    assert torch.allclose(acts, plain_resid_1, atol=1e-5)
+
+
+def test_bf16_harvest_is_close_to_the_fp32_pass_and_leaves_the_model_as_it_was(model, contexts, plain_resid_1, tmp_path):
+    weights = {name: p.clone() for name, p in model.hf.state_dict().items()}
+    h = harvest(model, model.sites(["resid_1"]), contexts, tmp_path, batch_size=96, dtype=torch.bfloat16)
+    x = torch.from_numpy(h["resid_1"].copy())
+    assert x.dtype == torch.float32
+    rel = float((x - plain_resid_1).pow(2).sum() / (plain_resid_1 - plain_resid_1.mean(0)).pow(2).sum())
+    assert 0 < rel < 1e-3  # it did run in bf16 (the values differ), and stays close to fp32
+    assert harvest_mod.load_manifest(next(tmp_path.iterdir())).dtype == "bfloat16"
+    for name, p in model.hf.state_dict().items():
+        assert p.dtype == torch.float32 and torch.equal(p, weights[name])
 
 
 def test_training_lowers_reconstruction_error(trained, acts):
@@ -82,6 +99,101 @@ def test_topk_l0_equals_k(trained, acts):
     sae, _ = trained
     assert ((sae.encode(acts) != 0).sum(-1) <= CONFIG.k).all()
     assert reconstruction_stats(sae, acts)["l0"] == pytest.approx(CONFIG.k, abs=0.05)
+
+
+def capped_weights(x: torch.Tensor, cap: float = 3.0) -> torch.Tensor:
+    """Row weights ``min(1, (cap * median norm / norm)^2)`` of ``x [n, d]`` (TrainConfig.norm_cap)."""
+    norms = x.norm(dim=-1)
+    return (cap * norms.median() / norms).pow(2).clamp(max=1.0)
+
+
+def spiked_copy(acts: torch.Tensor, factor: float) -> torch.Tensor:
+    """``acts`` with rows 5, 700 and 1900 scaled by ``factor`` (SmolLM2's secondary attention sinks
+    are 5-190x the median norm)."""
+    spiked = acts.clone()
+    spiked[SPIKED_ROWS] *= factor
+    return spiked
+
+
+SPIKED_ROWS = [5, 700, 1900]
+
+
+def test_decoder_refit_leaves_a_residual_orthogonal_to_every_code(acts):
+    """With no ridge the refit decoder is the least-squares fit to the codes, so (normal equations)
+    the training residual is orthogonal to each code column and to the constant column. With
+    k = width every latent is selected, so moving row norms into the encoder changes no selection
+    and the property holds exactly for the saved SAE."""
+    sae, stats = train_topk(acts, TrainConfig(width=16, k=16, epochs=2, batch_size=128, ridge=0.0))
+    f = sae.encode(acts).double()
+    residual = acts.double() - sae.decode(sae.encode(acts)).double()
+    design = torch.cat([f, torch.ones(len(f), 1, dtype=torch.float64)], dim=1)
+    cosines = (design.T @ residual).norm(dim=-1) / (design.norm(dim=0) * residual.norm()).clamp_min(1e-12)
+    assert cosines.max() < 1e-4
+    assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(16), atol=1e-5)
+    before, after = stats.refit_fvu
+    assert after < before
+    assert after == pytest.approx(1 - reconstruction_stats(sae, acts)["variance_explained"], rel=1e-4)
+
+
+def test_refit_reproduces_the_weighted_least_squares_fit_to_the_pre_refit_codes(acts):
+    """The refit decoder minimises the training loss, ``sum_n w_n ||x_n - f_n W - b||^2`` with
+    high-norm rows down-weighted, for the codes the SGD encoder gives (k = width: no selection
+    changes). The weights matter: the unweighted fit is a different decoder."""
+    x = spiked_copy(acts, 20.0).double()
+    cfg = TrainConfig(width=16, k=16, epochs=2, batch_size=128, ridge=0.0)
+    plain, _ = train_topk(x.float(), TrainConfig(**{**cfg.__dict__, "refit_decoder": False}))
+    refit, stats = train_topk(x.float(), cfg)
+    assert stats.capped_rows == len(SPIKED_ROWS)
+    assert torch.equal(plain.encode(x.float()) != 0, refit.encode(x.float()) != 0)
+    f = plain.encode(x.float()).double()
+    design = torch.cat([f, torch.ones(len(f), 1, dtype=torch.float64)], dim=1)
+    root_w = capped_weights(x).sqrt()[:, None]
+    weighted = design @ torch.linalg.lstsq(design * root_w, x * root_w).solution
+    unweighted = design @ torch.linalg.lstsq(design, x).solution
+    got = refit.decode(refit.encode(x.float())).double()
+    typical = float(x.norm(dim=-1).median())
+    assert float((got - weighted).norm(dim=-1).max()) < 1e-4 * typical
+    assert float((unweighted - weighted).norm(dim=-1).max()) > 1e-2 * typical
+
+
+def test_refit_fvu_is_measured_on_the_saved_sae_when_selection_can_change(acts):
+    sae, stats = train_topk(acts, CONFIG)
+    before, after = stats.refit_fvu
+    assert after <= before
+    assert after == pytest.approx(1 - reconstruction_stats(sae, acts)["variance_explained"], rel=1e-3)
+
+
+def test_rows_far_above_the_median_norm_do_not_steer_training(acts):
+    """Three rows at 500x the median norm carry 99.9% of the squared norm. Down-weighted to the
+    norm cap, they leave the dictionary as good on the other rows as one trained without them;
+    at full weight they ruin it. The scale comes from the rows under the cap."""
+    spiked = spiked_copy(acts, 500.0)
+    others = torch.ones(len(acts), dtype=torch.bool)
+    others[SPIKED_ROWS] = False
+    cfg = TrainConfig(width=64, k=4, epochs=4, batch_size=128, lr=3e-3)
+    capped, stats = train_topk(spiked, cfg)
+    reference, _ = train_topk(acts[others], cfg)
+    uncapped, _ = train_topk(spiked, TrainConfig(**{**cfg.__dict__, "norm_cap": None}))
+    ve = {name: reconstruction_stats(sae, acts[others])["variance_explained"]
+          for name, sae in (("capped", capped), ("reference", reference), ("uncapped", uncapped))}
+    assert stats.capped_rows == len(SPIKED_ROWS)
+    want = float(acts[others].pow(2).sum(-1).mean().sqrt() / acts.shape[1] ** 0.5)
+    assert stats.scale == pytest.approx(want, rel=1e-5)
+    assert ve["capped"] > ve["reference"] - 0.03
+    assert ve["uncapped"] < ve["capped"] - 0.1
+
+
+def test_warm_start_begins_from_the_given_dictionary(acts, trained):
+    start, _ = trained
+    # One step at a vanishing learning rate and no refit: the weights stay where they began.
+    cfg = TrainConfig(width=64, k=4, epochs=128 / len(acts), batch_size=128, lr=1e-12, refit_decoder=False)
+    warm, _ = train_topk(acts, cfg, init=start)
+    assert torch.allclose(warm.W_dec, start.W_dec, atol=1e-6)
+    assert torch.allclose(warm.W_enc, start.W_enc, atol=1e-6)
+    cold, _ = train_topk(acts, cfg)
+    assert not torch.allclose(cold.W_dec, start.W_dec, atol=1e-2)
+    with pytest.raises(ValueError, match="initial SAE has d=32, width=64.*width=128"):
+        train_topk(acts, TrainConfig(width=128, k=4, epochs=1, batch_size=128), init=start)
 
 
 def test_scale_is_folded_into_the_saved_dictionary(acts):
@@ -104,6 +216,8 @@ def test_built_dictionaries_reload_with_identical_encodings(model, contexts, tmp
         assert meta["model"] == model.name and meta["site"] == site and meta["d"] == 32
         assert meta["width"] == 64 and meta["k"] == 4 and meta["tokens_trained"] > 0
         assert torch.equal(load_dictionary(folder).encode(x), loaded[site].encode(x))
+    assert read_metadata(folders["resid_0"])["init_from"] is None
+    assert read_metadata(folders["resid_1"])["init_from"] == "resid_0"
     assert not (tmp_path / "activations" / model.name).exists() or not any(
         (tmp_path / "activations" / model.name).iterdir()
     )
@@ -132,6 +246,7 @@ def test_interrupted_build_resumes_skipping_finished_sites_and_reusing_the_harve
     build_dictionaries(model, sites, cfg, 0, contexts=contexts, batch_size=96, log=logs.append)
     assert finished.read_bytes() == before
     assert any("resid_0: already built" in m for m in logs)
+    assert read_metadata(tmp_path / "dictionaries" / model.name / "resid_1")["init_from"] == "resid_0"
     assert (tmp_path / "dictionaries" / model.name / "resid_1" / "ae.pt").exists()
 
 
