@@ -344,3 +344,6 @@ def test_dashboards_hold_the_strongest_contexts_and_direct_logit_tokens(tmp_path
     assert compute_dashboards(model, {"resid_0": sae}, keys, texts, n_contexts=3, n_tokens=4,
                               cache_dir=tmp_path) == dash
     assert len(list(tmp_path.glob("dashboards-*.json"))) == 1
+    # "~" is the user's home, as in a shell: the same cache, not a folder named "~".
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert compute_dashboards(model, {"resid_0": sae}, keys, texts, n_contexts=3, n_tokens=4, cache_dir="~") == dash

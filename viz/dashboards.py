@@ -108,7 +108,7 @@ def compute_dashboards(
     path = None
     if cache_dir is not None:
         digest = cache_key(model.name, dictionaries, keys, list(texts), options)
-        path = Path(cache_dir) / f"dashboards-{digest[:24]}.json"
+        path = Path(cache_dir).expanduser() / f"dashboards-{digest[:24]}.json"
         if path.exists():
             return json.loads(path.read_text(encoding="utf-8"))
 
