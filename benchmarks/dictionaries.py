@@ -65,6 +65,8 @@ def main() -> int:
         "sites": rows,
         "tokens_trained": {s: m.get("tokens_trained") for s, m in metadata.items()},
         "train_fvu_refit": {s: (m.get("train") or {}).get("refit_fvu") for s, m in metadata.items()},
+        "train_seconds": {s: (m.get("train") or {}).get("seconds") for s, m in metadata.items()},
+        "harvest_dtype": sorted({str(m.get("harvest_dtype")) for m in metadata.values()}),
         "summary": {
             "variance_explained_min": min(ve),
             "sites_variance_explained_at_least_0.80": sum(v >= 0.80 for v in ve),

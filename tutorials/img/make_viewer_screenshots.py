@@ -1,7 +1,7 @@
 """Regenerate the screenshots of tutorials/viewer.md.
 
 - ``python tutorials/img/make_viewer_screenshots.py --circuit runs/across_rc/circuit.json
-  --select resid_21/1092@1``: the main walk-through. Computes dashboards for the circuit's features over
+  --select resid_15/187@1``: the main walk-through. Computes dashboards for the circuit's features over
   the held-out corpus (each document cut to ``--max-tokens`` tokens), renders
   the page and writes ``real-overview.png``, ``real-hover.png``,
   ``real-selected.png`` and ``real-threshold.png``. Needs the cached model and
