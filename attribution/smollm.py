@@ -92,7 +92,8 @@ def load_smollm2(device: str = "cpu", dtype: torch.dtype = torch.float32) -> SFC
     The first call converts the embedded GGUF checkpoint into the cache
     (about 5-30 s); later calls load the cached folder (< 2 s). A cache folder
     that is incomplete or unreadable is reported, deleted and rebuilt. Use fp32
-    on CPU: bf16 matmuls there are far slower.
+    for attribution: bf16 gradients are coarse, and on CPUs without native bf16
+    (AVX512-BF16 or AMX) bf16 matmuls are far slower.
     """
     folder = model_cache(MODEL_NAME)
     if not (folder / _WEIGHTS).exists() or not (folder / "config.json").exists():
