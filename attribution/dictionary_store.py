@@ -24,6 +24,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -116,14 +117,21 @@ def load_dictionaries(
     return out
 
 
-def _is_built(folder: Path, model_name: str, site: Site, config: TrainConfig) -> bool:
+def _build_settings(config: TrainConfig, n_tokens: int, corpus: str, dtype: torch.dtype, warm_start: bool) -> dict:
+    """Everything a build's dictionaries depend on besides the model and site (the device aside)."""
+    train = {k: v for k, v in asdict(config).items() if k != "device"}
+    return {"train": train, "n_tokens": n_tokens, "corpus_sha256": corpus, "harvest_dtype": dtype_name(dtype),
+            "warm_start": warm_start}
+
+
+def _is_built(folder: Path, model_name: str, site: Site, settings: dict) -> bool:
+    """Whether ``folder`` holds this site's dictionary from a build with the same ``settings``."""
     meta = read_metadata(folder)
     return (
         (folder / "ae.pt").exists()
         and meta.get("model") == model_name
         and meta.get("d") == site.d
-        and meta.get("width") == config.width
-        and meta.get("k") == config.k
+        and meta.get("build") == settings
     )
 
 
@@ -147,8 +155,10 @@ def build_dictionaries(
 ) -> dict[str, Path]:
     """Harvest ``sites`` over about ``n_tokens`` corpus tokens and train one TopK SAE per site.
 
-    Sites whose folder already holds a dictionary of this model, ``d``, width
-    and ``k`` are skipped. Sites train in depth order; with ``warm_start`` a
+    Sites whose folder already holds a dictionary of this model and ``d`` from a
+    build with the same settings (the training config, tokens, corpus and
+    harvest dtype and warm start, recorded as ``build`` in its metadata) are skipped; others
+    are rebuilt. Sites train in depth order; with ``warm_start`` a
     site starts from the dictionary of the previous site of the same kind and
     ``d`` (recorded as ``init_from`` in its metadata). The model runs in
     ``harvest_dtype`` for the harvest (``None``: :func:`~attribution.harvest.fast_dtype`
@@ -157,20 +167,21 @@ def build_dictionaries(
     """
     root = root or dictionary_cache(model.name)
     remove_stale_temporaries(root)
-    todo = [s for s in sites if not _is_built(root / s.name, model.name, s, config)]
+    dtype = harvest_dtype or fast_dtype(model.device)
+    sha = corpus_sha() if contexts is None else hashlib.sha256(contexts.numpy().tobytes()).hexdigest()[:12]
+    settings = _build_settings(config, n_tokens if contexts is None else contexts.numel(), sha, dtype, warm_start)
+    todo = [s for s in sites if not _is_built(root / s.name, model.name, s, settings)]
     for s in sites:
         if s not in todo:
             log(f"{s.name}: already built in {root / s.name}, skipping.")
+        elif (root / s.name / "ae.pt").exists():
+            log(f"{s.name}: the dictionary in {root / s.name} was built with other settings; rebuilding it.")
     if todo:
         if contexts is None:
             contexts = corpus_contexts(model.tokenizer, n_tokens, CTX_LEN, "train")
-            sha = corpus_sha()
-        else:
-            sha = hashlib.sha256(contexts.numpy().tobytes()).hexdigest()[:12]
         acts_root = activation_cache(model.name)
         remove_stale_temporaries(acts_root)
         # Harvest every requested site (not only those left), so a resumed build reuses it.
-        dtype = harvest_dtype or fast_dtype(model.device)
         t0 = time.time()
         acts = harvest(model, sites, contexts, acts_root, batch_size=batch_size,
                        skip_first=SKIP_FIRST, corpus_sha=sha, dtype=dtype)
@@ -189,7 +200,7 @@ def build_dictionaries(
                 "k": config.k, "tokens_trained": stats.tokens_trained,
                 "tokens_harvested": int(acts[site.name].shape[0]), "skip_first": SKIP_FIRST,
                 "corpus_sha256": sha, "harvest_dtype": dtype_name(dtype),
-                "init_from": source[0] if source else None,
+                "init_from": source[0] if source else None, "build": settings,
                 "train": {
                     "steps": stats.steps, "seconds": round(stats.seconds, 1),
                     "initial_fvu": stats.initial_fvu, "final_fvu": stats.final_fvu,
@@ -202,7 +213,9 @@ def build_dictionaries(
             }
             with atomic_dir(root / site.name) as tmp:
                 save_dictionary(sae, tmp, metadata)
-            refit = f" -> {stats.refit_fvu[1]:.3f} after the decoder refit" if stats.refit_fvu else ""
+            refit = "" if stats.refit_fvu is None else (
+                " (decoder refit undone: no gain)" if stats.refit_fvu[1] is None
+                else f" -> {stats.refit_fvu[1]:.3f} after the decoder refit")
             log(f"{site.name}: fvu {stats.final_fvu:.3f}{refit}, dead {stats.dead_fraction:.3f}, "
                 f"{stats.seconds:.0f} s" + (f" (from {source[0]})" if source else ""))
         if not keep_activations:

@@ -14,9 +14,9 @@ would spend its capacity on one outlier direction.
 The model may run in another dtype than its own for the harvest
 (``dtype=``, a copy of it; the caller's model is left untouched).
 :func:`fast_dtype` picks bfloat16 where the hardware multiplies it natively
-(CUDA with bf16 support; CPUs with AVX512-BF16 or AMX), where the forward
-pass is about 3x faster (measured on SmolLM2 on two AVX512-BF16 cores: 2,000
-against 620 tokens/s). Its activations differ from the fp32 model's by at most
+(CUDA GPUs from compute capability 8.0; CPUs with AVX512-BF16 or AMX), where the forward
+pass is 2-3x faster (measured on SmolLM2 on two AVX512-BF16 cores: 1,800-2,000
+against 600-800 tokens/s). Its activations differ from the fp32 model's by at most
 5e-4 of their variance at the SmolLM2 residual sites (3e-5 at resid_0), far
 below the error of any dictionary trained on them (0.06-0.2 of the variance);
 dictionaries are still evaluated on the fp32 model. Elsewhere bf16 is emulated, and slower
@@ -65,8 +65,12 @@ class HarvestSpec:
         return self.n_contexts * (self.ctx_len - self.skip_first)
 
     def key(self) -> str:
-        """A short hash naming this spec's folder under the activation cache."""
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        """A short hash naming this spec's folder under the activation cache (the same for a
+        float32 harvest as before ``dtype`` was recorded)."""
+        fields = asdict(self)
+        if fields["dtype"] == "float32":
+            del fields["dtype"]
+        return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -77,8 +81,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 def fast_dtype(device: torch.device | str) -> torch.dtype:
     """bfloat16 where ``device`` multiplies it natively (see the module docstring), else float32."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cuda":  # native bf16 from compute capability 8.0 (Ampere) on
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float32
     if device.type == "cpu":
         native = [getattr(torch.cpu, name, lambda: False)
                   for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
