@@ -153,6 +153,44 @@ class TopKSAE(nn.Module):
             self.W_dec.grad -= parallel * self.W_dec
 
 
+def _top_dead(pre: Tensor, dead: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
+    """The ``min(k_aux, #dead)`` largest pre-activations ``[b, k']`` of the dead latents, and their indices.
+
+    Reads only the dead columns of ``pre [b, F]`` (usually a handful) instead of
+    ranking all ``F``; when no more than ``k_aux`` are dead, all of them are taken.
+    """
+    dead_idx = dead.nonzero().squeeze(1)
+    values = pre[:, dead_idx]
+    if len(dead_idx) <= k_aux:
+        return values, dead_idx.expand(pre.shape[0], -1).contiguous()
+    values, pos = values.topk(k_aux, dim=-1)
+    return values, dead_idx[pos]
+
+
+def _code_moments(values: Tensor, indices: Tensor, w: Tensor, x: Tensor, width: int) -> Tensor:
+    """``[f 1]^T diag(w) [f 1 x]``, shape ``[width + 1, width + 1 + d]``, for codes ``f [n, width]``
+    given as ``values, indices [n, k]``, row weights ``w [n]`` and rows ``x [n, d]``.
+
+    Row ``j`` is a weighted sum over only the rows where latent ``j`` fires (about
+    ``n k / width`` of them), done as one ``embedding_bag`` with one bag per latent;
+    the dense product would multiply the ``1 - k / width`` zeros too (4x slower
+    here at k / width = 1/36).
+    """
+    n = x.shape[0]
+    dense = torch.zeros(n, width + 1, dtype=x.dtype, device=x.device)
+    dense.scatter_(1, indices, values)
+    dense[:, width] = 1.0
+    table = torch.cat([dense, x], dim=1)  # [n, width + 1 + d]
+    latents = torch.cat([indices, torch.full((n, 1), width, dtype=indices.dtype, device=x.device)], 1)
+    weights = torch.cat([values, torch.ones_like(values[:, :1])], 1) * w[:, None]
+    flat = latents.reshape(-1)
+    order = flat.argsort()
+    rows = torch.arange(n, device=x.device).repeat_interleave(latents.shape[1])[order]
+    offsets = torch.zeros(width + 1, dtype=torch.long, device=x.device)
+    offsets[1:] = torch.bincount(flat, minlength=width + 1).cumsum(0)[:-1]
+    return F.embedding_bag(rows, table, offsets, per_sample_weights=weights.reshape(-1)[order], mode="sum")
+
+
 def _chunks(n: int, chunk: int, gen: torch.Generator) -> list[tuple[int, int]]:
     starts = list(range(0, n, chunk))
     order = torch.randperm(len(starts), generator=gen).tolist()
@@ -263,9 +301,7 @@ def train_topk(
                 dead = (seen - last_fired) >= dead_after
                 if dead.any():
                     # AuxK: the dead latents' top pre-activations reconstruct the residual.
-                    k_dead = min(k_aux, int(dead.sum()))
-                    aux_pre = pre.masked_fill(~dead, -torch.inf)
-                    aux_values, aux_indices = aux_pre.topk(k_dead, dim=-1)
+                    aux_values, aux_indices = _top_dead(pre, dead, k_aux)
                     residual = (x - x_hat).detach()
                     aux_hat = sae.decode_sparse(torch.relu(aux_values), aux_indices)
                     aux = _fvu(aux_hat - residual, residual, w)
@@ -306,7 +342,7 @@ def train_topk(
 @torch.no_grad()
 def _refit_decoder(
     sae: TopKSAE, chunks: list[tuple[int, int]], as_tensor, scale: float, cap: float, ridge: float,
-    check_rows: int = 32768, rows: int = 8192,
+    check_rows: int = 32768, rows: int = 2048,
 ) -> tuple[float, float]:
     """Replace ``W_dec, b_dec`` by the ridge least-squares fit to the encoder's codes; unit rows after.
 
@@ -350,12 +386,9 @@ def _refit_decoder(
     cross = torch.zeros(width + 1, d, dtype=torch.float64, device=device)
     for x, w in batches():
         _, values, indices, _ = sae(x)
-        f = torch.zeros(x.shape[0], width + 1, device=device)
-        f.scatter_(1, indices, values)
-        f[:, width] = 1.0
-        fw = f * w[:, None]
-        gram += (fw.T @ f).double()  # dense: torch's sparse kernels are no faster here (k / width ~ 3%)
-        cross += (fw.T @ x).double()
+        moments = _code_moments(values, indices, w, x, width).double()
+        gram += moments[:, :width + 1]
+        cross += moments[:, width + 1:]
     mean = cross[width] / gram[width, width]
     before = fvu()
 

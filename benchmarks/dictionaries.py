@@ -1,6 +1,7 @@
 """Measure the cached SmolLM2 dictionary set against its targets; print one JSON object.
 
-    python benchmarks/dictionaries.py [--build] [--tokens N] [--heldout N (default 8192)]
+    python benchmarks/dictionaries.py [--build] [--tokens N] [--harvest-dtype float32|bfloat16]
+                                      [--heldout N (default 8192)]
 
 With ``--build`` the default scope is (re)built first and the build is timed
 (run it on an empty ``$SFC_CACHE`` to time a first build). Then it times
@@ -33,6 +34,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--build", action="store_true", help="build the default scope first (timed)")
     parser.add_argument("--tokens", type=int, default=None, help="harvest tokens for --build")
+    parser.add_argument("--harvest-dtype", choices=["float32", "bfloat16"], default=None,
+                        help="dtype of the harvest for --build (default: bfloat16 where native)")
     parser.add_argument("--heldout", type=int, default=8192, help="held-out tokens for the report")
     args = parser.parse_args()
 
@@ -41,6 +44,8 @@ def main() -> int:
         cmd = [sys.executable, "-m", "sfc", "dictionaries", "build", "--model", "smollm2-135m"]
         if args.tokens:
             cmd += ["--tokens", str(args.tokens)]
+        if args.harvest_dtype:
+            cmd += ["--harvest-dtype", args.harvest_dtype]
         t0 = time.time()
         subprocess.run(cmd, check=True)
         result["build_seconds"] = round(time.time() - t0, 1)

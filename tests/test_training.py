@@ -21,6 +21,7 @@ from attribution.dictionary_store import (
 )
 from attribution.harvest import harvest
 from attribution.models import SFCModel
+from attribution import training
 from attribution.training import TrainConfig, reconstruction_stats, train_topk
 
 SITES = ["resid_0", "resid_1"]
@@ -99,6 +100,40 @@ def test_topk_l0_equals_k(trained, acts):
     sae, _ = trained
     assert ((sae.encode(acts) != 0).sum(-1) <= CONFIG.k).all()
     assert reconstruction_stats(sae, acts)["l0"] == pytest.approx(CONFIG.k, abs=0.05)
+
+
+@pytest.mark.parametrize("n_dead, k_aux", [(5, 3), (5, 5), (3, 8)])
+def test_auxk_takes_the_largest_pre_activations_among_dead_latents_only(n_dead, k_aux):
+    """The AuxK selection is the top ``min(k_aux, #dead)`` of the pre-activations with every live
+    latent masked to -inf (Gao et al.'s definition), computed here directly."""
+    gen = torch.Generator().manual_seed(n_dead + k_aux)
+    pre = torch.randn(6, 40, generator=gen)
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[torch.randperm(40, generator=gen)[:n_dead]] = True
+    want_values, want_indices = pre.masked_fill(~dead, -torch.inf).topk(min(k_aux, n_dead), dim=-1)
+    values, indices = training._top_dead(pre, dead, k_aux)
+    assert dead[indices].all()
+    assert torch.equal(values, torch.gather(pre, 1, indices))
+    # The same sets per row (the order within a row does not enter the decoded sum).
+    assert torch.equal(values.sort(-1).values, want_values.sort(-1).values)
+    assert torch.equal(indices.sort(-1).values, want_indices.sort(-1).values)
+
+
+def test_auxk_revives_latents_that_never_win_the_topk(acts, trained):
+    """Latents whose encoder column is shrunk 100x still see positive pre-activations but never
+    make the top k, so they get no gradient from the main loss and stay dead; the AuxK loss gives
+    them one and brings many of them back."""
+    start, _ = trained
+    shrunk = start.W_enc.clone()
+    shrunk[:, :32] *= 0.01
+    init = type(start)(shrunk, start.b_enc.clone(), start.W_dec.clone(), start.b_dec.clone(), "topk", k=start.k)
+    cfg = TrainConfig(width=64, k=4, epochs=12, batch_size=128, lr=3e-3, dead_after=1000, refit_decoder=False)
+    revived, with_aux = train_topk(acts, cfg, init=init)
+    _, without_aux = train_topk(acts, TrainConfig(**{**cfg.__dict__, "aux_coef": 0.0}), init=init)
+    assert without_aux.dead_fraction >= 0.45  # the 32 shrunk latents of 64
+    assert with_aux.dead_fraction < without_aux.dead_fraction - 0.15  # at least 10 of them back
+    fired = (revived.encode(acts)[:, :32] != 0).any(0)
+    assert fired.float().mean() > 0.3
 
 
 def capped_weights(x: torch.Tensor, cap: float = 3.0) -> torch.Tensor:
