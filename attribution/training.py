@@ -359,6 +359,10 @@ def _refit_decoder(
     rows with the old and the new weights, and the refit is undone if it did not
     help. Latents that never fire keep their rows. Returns the weighted FVU
     ``(before, after)``, with ``after = None`` when the refit was undone.
+
+    The normal equations are summed in float32 over batches of ``rows`` rows
+    (:func:`_code_moments`) and in float64 across batches, so no float32 sum runs
+    over more than ``rows`` terms.
     """
     width, d = sae.W_dec.shape
     device = sae.W_dec.device

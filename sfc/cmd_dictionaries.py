@@ -16,10 +16,7 @@ import json
 import sys
 import time
 
-DEFAULT_WIDTH = 2304  # 4 x d_model of SmolLM2
-DEFAULT_K = 64
 DEFAULT_TOKENS = 200_000
-DEFAULT_EPOCHS = 2.0
 
 
 def add_parser(subparsers) -> None:
@@ -34,10 +31,12 @@ def add_parser(subparsers) -> None:
         q.add_argument("--device", default="cpu")
         q.set_defaults(func=run)
         if name == "build":
-            q.add_argument("--width", type=int, default=DEFAULT_WIDTH, help="latents per SAE")
-            q.add_argument("--k", type=int, default=DEFAULT_K, help="active latents per token (TopK)")
-            q.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="corpus tokens to harvest")
-            q.add_argument("--epochs", type=float, default=DEFAULT_EPOCHS, help="passes over the harvest per SAE")
+            # width, k and epochs default to TrainConfig's (2304, 64, 2), read when training starts.
+            q.add_argument("--width", type=int, default=None, help="latents per SAE (default 2304)")
+            q.add_argument("--k", type=int, default=None, help="active latents per token, TopK (default 64)")
+            q.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
+                           help=f"corpus tokens to harvest (default {DEFAULT_TOKENS})")
+            q.add_argument("--epochs", type=float, default=None, help="passes over the harvest per SAE (default 2)")
             q.add_argument("--harvest-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                            help="dtype the model runs in for the harvest (auto: bfloat16 where the "
                                 "hardware has native bf16 matmuls, else float32)")
@@ -73,9 +72,10 @@ def _build(args: argparse.Namespace, model, sites) -> int:
     from attribution.dictionary_store import build_dictionaries
     from attribution.training import TrainConfig
 
-    if args.k > 64:
-        print(f"note: k={args.k} gives circuits with more than 64 active features per token.", file=sys.stderr)
-    config = TrainConfig(width=args.width, k=args.k, epochs=args.epochs, device=args.device)
+    chosen = {"width": args.width, "k": args.k, "epochs": args.epochs}
+    config = TrainConfig(**{name: v for name, v in chosen.items() if v is not None}, device=args.device)
+    if config.k > 64:
+        print(f"note: k={config.k} gives circuits with more than 64 active features per token.", file=sys.stderr)
     start = time.time()
     dtype = None if args.harvest_dtype == "auto" else getattr(torch, args.harvest_dtype)
     folders = build_dictionaries(model, sites, config, args.tokens, keep_activations=args.keep_activations,

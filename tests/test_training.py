@@ -386,3 +386,26 @@ def test_cleanup_spares_the_temporary_folder_of_a_running_build(tmp_path):
         assert not dead.exists()
         assert str(os.getpid()) in live.name
     assert (tmp_path / "harvest" / "part.npy").exists()
+
+
+def test_build_command_passes_its_options_to_the_trainer_and_defaults_to_trainconfig(model, monkeypatch):
+    """``sfc dictionaries build`` hands --width/--k/--epochs/--tokens/--sites on, and leaves every
+    option not given at TrainConfig's default (the one place defaults live)."""
+    import attribution.dictionary_store as store
+    import attribution.models as models
+    from sfc.cli import main as sfc_main
+
+    calls = []
+    monkeypatch.setattr(models, "load_model", lambda name, device="cpu": model)
+    monkeypatch.setattr(store, "build_dictionaries", lambda m, sites, config, n_tokens, **kw: (
+        calls.append((sites, config, n_tokens, kw)) or {s.name: Path("/nowhere") / s.name for s in sites}))
+    assert sfc_main(["dictionaries", "build", "--model", "tiny-llama", "--sites", "resid_1", "--k", "8",
+                     "--tokens", "5000"]) == 0
+    sites, config, n_tokens, kw = calls[-1]
+    assert [s.name for s in sites] == ["resid_1"] and n_tokens == 5000 and kw["harvest_dtype"] is None
+    assert config == TrainConfig(k=8)
+    assert sfc_main(["dictionaries", "build", "--model", "tiny-llama", "--width", "96", "--epochs", "0.5",
+                     "--harvest-dtype", "float32"]) == 0
+    sites, config, _, kw = calls[-1]
+    assert config == TrainConfig(width=96, epochs=0.5) and kw["harvest_dtype"] == torch.float32
+    assert [s.name for s in sites] == [s.name for s in model.sites(kinds=("resid",))]
