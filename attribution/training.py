@@ -184,7 +184,7 @@ def _code_moments(values: Tensor, indices: Tensor, w: Tensor, x: Tensor, width: 
     latents = torch.cat([indices, torch.full((n, 1), width, dtype=indices.dtype, device=x.device)], 1)
     weights = torch.cat([values, torch.ones_like(values[:, :1])], 1) * w[:, None]
     flat = latents.reshape(-1)
-    order = flat.argsort()
+    order = flat.argsort(stable=True)  # rows in order within each bag: a deterministic float32 sum
     rows = torch.arange(n, device=x.device).repeat_interleave(latents.shape[1])[order]
     offsets = torch.zeros(width + 1, dtype=torch.long, device=x.device)
     offsets[1:] = torch.bincount(flat, minlength=width + 1).cumsum(0)[:-1]
