@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from attribution import harvest as harvest_mod
+from attribution import training
 from attribution.cache import atomic_dir
 from attribution.corpus import load_corpus
 from attribution.dictionaries import Identity
@@ -21,7 +22,6 @@ from attribution.dictionary_store import (
 )
 from attribution.harvest import harvest
 from attribution.models import SFCModel
-from attribution import training
 from attribution.training import TrainConfig, reconstruction_stats, train_topk
 
 SITES = ["resid_0", "resid_1"]
