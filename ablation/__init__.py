@@ -1,14 +1,11 @@
 """Interventions that ablate nodes: faithfulness and completeness of circuits (SPEC §5)."""
 
+from ablation.config import AblationConfig, ErrorHandling
 from ablation.evaluate import (
-    Ablation,
-    AblationKind,
-    ErrorHandling,
+    AblationValues,
     FaithfulnessResult,
-    SiteAblation,
+    SiteValues,
     ablated_metric,
-    check_masks,
-    check_options,
     endpoints,
     evaluate_circuit,
     evaluated_sites,
@@ -18,31 +15,22 @@ from ablation.evaluate import (
     run_with_ablations,
     score,
 )
-from ablation.masks import NodeMask, layer_of, masks_from_effects, n_nodes, random_masks_like
-from ablation.sweep import CurvePoint, SelectNodes, curve_figure, sweep
+from ablation.sweep import CurvePoint, SelectNodes, sweep
 
 __all__ = [
-    "Ablation",
-    "AblationKind",
+    "AblationConfig",
+    "AblationValues",
     "CurvePoint",
     "ErrorHandling",
     "FaithfulnessResult",
-    "NodeMask",
     "SelectNodes",
-    "SiteAblation",
+    "SiteValues",
     "ablated_metric",
-    "check_masks",
-    "check_options",
-    "curve_figure",
     "endpoints",
     "evaluate_circuit",
     "evaluated_sites",
     "faithfulness",
-    "layer_of",
-    "masks_from_effects",
-    "n_nodes",
     "prepare_ablation",
-    "random_masks_like",
     "resample_rows",
     "run_with_ablations",
     "score",

@@ -23,32 +23,22 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-from ablation.masks import NodeMask, n_nodes
-from attribution import tracing
-from attribution.dictionaries import Dictionary
-from attribution.models import Batch, SFCModel
-from attribution.sites import AttnHook, Site
-from attribution.tracing import Metric
-from attribution.tracing import run as trace_run
-
-AblationKind = Literal["mean", "zero", "resample"]
-"""``mean``: the position-specific mean over the reference inputs (the paper's
-choice); ``zero``: ``f = 0`` and ``e = 0``, so ``x = b_dec``; ``resample``: the
-values of a (seeded) random permutation of the reference rows."""
-
-ErrorHandling = Literal["default", "remove", "keep", "resid_only"]
-"""``default``: error nodes follow the mask; ``remove``: every error node is
-ablated; ``keep``: every error node is kept; ``resid_only``: residual-stream
-error nodes follow the mask, all other error nodes are ablated."""
+from ablation.config import AblationConfig, ErrorHandling
+from attribution.dictionaries.kinds import Dictionary
+from attribution.model import tracing
+from attribution.model.sites import AttnHook, Site
+from attribution.model.tracing import Metric
+from attribution.model.tracing import run as trace_run
+from attribution.model.wrapper import Batch, SFCModel
+from circuits.masks import NodeMask, n_nodes
 
 
 @dataclass
-class SiteAblation:
+class SiteValues:
     """The values that replace ablated nodes at one site.
 
     ``features`` (``[s, F]`` for mean, ``[F]`` for zero) and ``errors`` (``[s, d]``
@@ -70,13 +60,14 @@ class SiteAblation:
 
 
 @dataclass
-class Ablation:
+class AblationValues:
     """Everything an ablated run needs that does not depend on the circuit: the
-    evaluated sites in forward order, their dictionaries and ablation values."""
+    evaluated sites in forward order, their dictionaries and the values that
+    replace ablated nodes."""
 
     sites: list[Site]
     dictionaries: Mapping[str, Dictionary]
-    values: dict[str, SiteAblation]
+    values: dict[str, SiteValues]
 
 
 @dataclass(frozen=True)
@@ -124,13 +115,10 @@ def prepare_ablation(
     model: SFCModel,
     batch: Batch,
     dictionaries: Mapping[str, Dictionary],
+    config: AblationConfig = AblationConfig(),
     *,
-    ablation: AblationKind = "mean",
     reference: Batch | None = None,
-    start_layer: int = -1,
-    seed: int = 0,
-    attn: AttnHook = "output",
-) -> Ablation:
+) -> AblationValues:
     """Compute the ablation values of every evaluated site once, from one un-ablated pass
     over ``reference`` (default: ``batch`` itself; for paired data pass the patch inputs).
 
@@ -138,18 +126,18 @@ def prepare_ablation(
     at each position, skipping padding. Resample gives evaluation row ``i`` the
     activations of reference row :func:`resample_rows` ``[i]``.
     """
-    sites = evaluated_sites(model, dictionaries, start_layer, attn)
+    sites = evaluated_sites(model, dictionaries, config.start_layer, config.attn)
     device = model.device
+    ablation = config.kind
     if ablation == "zero":
         values = {}
         for site in sites:
             b_dec = dictionaries[site.name].b_dec
-            values[site.name] = SiteAblation(
+            values[site.name] = SiteValues(
                 torch.zeros(dictionaries[site.name].width, dtype=b_dec.dtype, device=device),
                 torch.zeros(site.d, dtype=b_dec.dtype, device=device),
             )
-        return Ablation(sites, dictionaries, values)
-    check_options(ablation, "default")
+        return AblationValues(sites, dictionaries, values)
     reference = model.tokenize(reference) if reference is not None else batch
     if reference.seq_len != batch.seq_len:
         raise ValueError(
@@ -160,10 +148,10 @@ def prepare_ablation(
     acts = trace_run(model, reference, sites, None, torch.arange(n_ref, device=device), mode="read").acts
     values = {}
     if ablation == "resample":
-        rows = resample_rows(len(batch), n_ref, seed).to(device)
+        rows = resample_rows(len(batch), n_ref, config.seed).to(device)
         for site in sites:
-            values[site.name] = SiteAblation(source=acts[site.name][rows].detach())
-        return Ablation(sites, dictionaries, values)
+            values[site.name] = SiteValues(source=acts[site.name][rows].detach())
+        return AblationValues(sites, dictionaries, values)
     # Position-specific weights [n, s]: each position averages over its non-padding rows.
     real = reference.attention_mask.float()
     weights = real / real.sum(0).clamp_min(1.0)
@@ -173,18 +161,10 @@ def prepare_ablation(
         f = dictionary.encode(x)
         e = x - dictionary.decode(f)
         w = weights.to(x.dtype)
-        values[site.name] = SiteAblation(
+        values[site.name] = SiteValues(
             torch.einsum("ns,nsf->sf", w, f), torch.einsum("ns,nsd->sd", w, e)
         )
-    return Ablation(sites, dictionaries, values)
-
-
-def check_options(ablation: str, handle_errors: str) -> None:
-    """Raise one clear sentence for an unknown ``ablation`` or ``handle_errors`` value."""
-    if ablation not in get_args(AblationKind):
-        raise ValueError(f"Unknown ablation {ablation!r}: use one of {get_args(AblationKind)}.")
-    if handle_errors not in get_args(ErrorHandling):
-        raise ValueError(f"Unknown handle_errors {handle_errors!r}: use one of {get_args(ErrorHandling)}.")
+    return AblationValues(sites, dictionaries, values)
 
 
 def check_masks(
@@ -241,7 +221,7 @@ def _keep(
 def ablated_metric(
     model: SFCModel,
     batch: Batch,
-    setup: Ablation,
+    setup: AblationValues,
     masks: Mapping[str, NodeMask] | None,
     metric: Metric,
     rows: Tensor | None = None,
@@ -255,7 +235,7 @@ def ablated_metric(
     ``setup`` missing from ``masks`` has no node in the circuit. Sites where
     every node is kept are not touched, so keeping everything is exact.
     """
-    check_options("mean", handle_errors)
+    AblationConfig(handle_errors=handle_errors)  # validates
     batch = model.tokenize(batch)
     rows = torch.arange(len(batch), device=model.device) if rows is None else rows
     plan = []
@@ -291,38 +271,30 @@ def run_with_ablations(
     rows: Tensor | None = None,
     *,
     complement: bool = False,
-    ablation: AblationKind = "mean",
+    config: AblationConfig = AblationConfig(),
     reference: Batch | None = None,
-    handle_errors: ErrorHandling = "default",
-    start_layer: int = -1,
-    seed: int = 0,
-    attn: AttnHook = "output",
 ) -> Tensor:
     """The metric ``[b]`` of the circuit ``masks`` (or its complement), SPEC §5.2.
 
     ``masks[site]`` marks the nodes in the circuit; every other feature and error
     node of each site with a dictionary and ``layer >= start_layer`` is replaced by
-    its ``ablation`` value (computed from ``reference``, default ``batch``), in one
+    its ablation value (``config.kind``, computed from ``reference``, default ``batch``), in one
     forward pass in which downstream sites see the upstream ablations. With
     ``complement=True`` the nodes in the circuit are the ones ablated.
     ``rows[i]`` is the example of row ``i`` passed to the metric (default ``arange(b)``).
     """
-    check_options(ablation, handle_errors)
     batch = model.tokenize(batch)
     check_masks(masks, dictionaries, batch.seq_len)
-    setup = prepare_ablation(
-        model, batch, dictionaries,
-        ablation=ablation, reference=reference, start_layer=start_layer, seed=seed, attn=attn,
-    )
+    setup = prepare_ablation(model, batch, dictionaries, config, reference=reference)
     return ablated_metric(
-        model, batch, setup, masks, metric, rows, complement=complement, handle_errors=handle_errors
+        model, batch, setup, masks, metric, rows, complement=complement, handle_errors=config.handle_errors
     )
 
 
 def endpoints(
     model: SFCModel,
     batch: Batch,
-    setup: Ablation,
+    setup: AblationValues,
     metric: Metric,
     rows: Tensor | None = None,
 ) -> tuple[float, float]:
@@ -351,47 +323,36 @@ def faithfulness(
     metric: Metric,
     rows: Tensor | None = None,
     *,
-    ablation: AblationKind = "mean",
+    config: AblationConfig = AblationConfig(),
     reference: Batch | None = None,
-    handle_errors: ErrorHandling = "default",
-    start_layer: int = -1,
-    seed: int = 0,
-    attn: AttnHook = "output",
 ) -> FaithfulnessResult:
     """Faithfulness ``(m(C) - m(∅)) / (m(M) - m(∅))`` and completeness (the same for ``M \\ C``),
     SPEC §5.1, with metrics averaged over the rows of ``batch``.
 
     ``m(∅)`` ablates every feature and error node of every evaluated site whatever
-    ``handle_errors`` says; ``handle_errors`` applies to ``m(C)`` and ``m(M \\ C)``.
+    ``config.handle_errors`` says; ``handle_errors`` applies to ``m(C)`` and ``m(M \\ C)``.
     """
-    check_options(ablation, handle_errors)
     batch = model.tokenize(batch)
     check_masks(masks, dictionaries, batch.seq_len)
-    setup = prepare_ablation(
-        model, batch, dictionaries,
-        ablation=ablation, reference=reference, start_layer=start_layer, seed=seed, attn=attn,
-    )
+    setup = prepare_ablation(model, batch, dictionaries, config, reference=reference)
     m_full, m_empty = endpoints(model, batch, setup, metric, rows)
-    return evaluate_circuit(
-        model, batch, setup, masks, metric, rows, m_full, m_empty,
-        handle_errors=handle_errors, start_layer=start_layer,
-    )
+    return evaluate_circuit(model, batch, setup, masks, metric, rows, m_full, m_empty, config=config)
 
 
 def evaluate_circuit(
     model: SFCModel,
     batch: Batch,
-    setup: Ablation,
+    setup: AblationValues,
     masks: Mapping[str, NodeMask],
     metric: Metric,
     rows: Tensor | None,
     m_full: float,
     m_empty: float,
     *,
-    handle_errors: ErrorHandling = "default",
-    start_layer: int = -1,
+    config: AblationConfig = AblationConfig(),
 ) -> FaithfulnessResult:
     """Faithfulness and completeness of ``masks`` given precomputed ``m(M)`` and ``m(∅)``."""
+    handle_errors = config.handle_errors
     m_circuit = ablated_metric(model, batch, setup, masks, metric, rows, handle_errors=handle_errors)
     m_complement = ablated_metric(
         model, batch, setup, masks, metric, rows, complement=True, handle_errors=handle_errors
@@ -404,5 +365,5 @@ def evaluate_circuit(
         m_complement=m_cc,
         m_empty=m_empty,
         m_full=m_full,
-        n_nodes=n_nodes(masks, start_layer),
+        n_nodes=n_nodes(masks, config.start_layer),
     )

@@ -1,4 +1,5 @@
-"""The on-disk cache: converted models, harvested activations, trained dictionaries.
+"""The on-disk cache (converted models, harvested activations, trained dictionaries) and
+the atomic file writes every part of the toolkit uses.
 
 Everything this toolkit builds rather than ships lives under one folder,
 :func:`cache_dir`, which is ``$SFC_CACHE`` or ``~/.cache/sparse-feature-circuits``::
@@ -21,6 +22,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def cache_dir() -> Path:
@@ -68,6 +70,51 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary sibling file and a rename.
+
+    An interrupted write leaves ``path`` as it was. The file gets the usual
+    permissions (``0666`` less the umask), as ``open`` would give it, so a shared
+    cache or output folder stays readable by colleagues.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write_bytes` of UTF-8 text with ``\\n`` line ends."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_torch(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` through :func:`atomic_write_bytes`."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _owner_alive(path: Path) -> bool:

@@ -10,7 +10,7 @@ is the gradient the node effects used (IG-averaged for ``ig``).
 How it is computed here:
 
 1. One clean forward pass in which every site's output is replaced by a
-   detached leaf of equal value (:func:`attribution.tracing.run`, ``frozen``).
+   detached leaf of equal value (:func:`attribution.model.tracing.run`, ``frozen``).
    A site's recorded activation then depends only on the leaves of the sites
    directly upstream of it: the stop-gradients on ``M`` come for free, and
    "adjacent" is whatever the chosen sites make adjacent.
@@ -44,10 +44,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from attribution import tracing
-from attribution.dictionaries import SAE, Dictionary
+from attribution.dictionaries.kinds import SAE, Dictionary
 from attribution.effects import Aggregation, NodeEffects, wide
-from attribution.models import SFCModel
+from attribution.model import tracing
+from attribution.model.wrapper import SFCModel
 
 Selection = Literal["position", "aggregate"]
 

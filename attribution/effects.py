@@ -29,15 +29,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from attribution import tracing
-from attribution.dictionaries import Dictionary
-from attribution.models import Batch, SFCModel
-from attribution.sites import Site
+from attribution.dictionaries.kinds import Dictionary
+from attribution.model import tracing
+from attribution.model.sites import Site
+from attribution.model.wrapper import Batch, SFCModel
+from attribution.options import AblationKind, Aggregation, Method
 
-Method = Literal["attrib", "ig", "exact"]
-Ablation = Literal["zero", "mean"]
 IGPoints = Literal["paper", "reference", "midpoint"]
-Aggregation = Literal["none", "sum"]
 
 
 @dataclass
@@ -148,7 +146,7 @@ def _states(
     clean: Batch,
     patch: Batch | None,
     metric: tracing.Metric,
-    ablation: Ablation,
+    ablation: AblationKind,
     positions: tracing.MetricPositions = "all",
     clean_run: tracing.Trace | None = None,
 ) -> _States:
@@ -317,7 +315,7 @@ def node_effects(
     method: Method = "ig",
     steps: int = 10,
     ig_points: IGPoints = "paper",
-    ablation: Ablation = "zero",
+    ablation: AblationKind = "zero",
     max_rows: int = 1024,
     metric_positions: tracing.MetricPositions = "all",
     progress: bool = True,
@@ -329,7 +327,7 @@ def node_effects(
     means). ``method``: ``attrib`` (Eq. 3), ``ig`` (Eq. 4, ``steps`` points,
     ``ig_points`` choosing the paper's or the reference code's endpoints) or
     ``exact`` (Eq. 2). ``metric(logits, rows) -> [n]``, see
-    :data:`attribution.tracing.Metric`; with ``metric_positions="last"`` it
+    :data:`attribution.model.tracing.Metric`; with ``metric_positions="last"`` it
     receives the last position's logits only (``[n, 1, vocab]``), which is much
     cheaper for large vocabularies.
     """
@@ -343,6 +341,11 @@ def node_effects(
     _check_inputs(model, sites, dictionaries, clean_b, patch_b)
     if method not in ("attrib", "ig", "exact"):
         raise ValueError(f"Unknown method {method!r}: choose 'attrib', 'ig' or 'exact'.")
+    if patch is None and ablation not in ("zero", "mean"):
+        raise ValueError(
+            f"Node effects with patch=None support ablation='zero' or 'mean', not {ablation!r}: "
+            "for resampled inputs pass them as patch prompts."
+        )
     pos = metric_positions
     # Attribution patching needs the clean pass with gradients; the states reuse it.
     clean_run = None

@@ -30,8 +30,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
 
-from attribution import tracing  # noqa: E402
-from attribution.dictionaries import calibrate_sparsity, random_sae  # noqa: E402
+from attribution.dictionaries.kinds import calibrate_sparsity, random_sae  # noqa: E402
 from attribution.edges import (  # noqa: E402
     _changed_nodes,
     _seeds,
@@ -40,8 +39,9 @@ from attribution.edges import (  # noqa: E402
     select_downstream,
 )
 from attribution.effects import node_effects  # noqa: E402
-from attribution.models import SFCModel  # noqa: E402
-from attribution.sites import get_module  # noqa: E402
+from attribution.model import tracing  # noqa: E402
+from attribution.model.sites import get_module  # noqa: E402
+from attribution.model.wrapper import SFCModel  # noqa: E402
 
 
 def pythia_shaped(seed: int = 0) -> SFCModel:

@@ -25,13 +25,15 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ablation.sweep import curve_figure  # noqa: E402
-from attribution.dictionaries import Identity  # noqa: E402
-from attribution.dictionary_store import load_dictionaries  # noqa: E402
+from ablation.config import AblationConfig  # noqa: E402
+from attribution.dictionaries.kinds import Identity  # noqa: E402
+from attribution.dictionaries.store import load_cached_dictionaries  # noqa: E402
 from attribution.effects import node_effects  # noqa: E402
-from attribution.models import load_model  # noqa: E402
-from circuits.discover import DiscoverConfig, sweep_curve, task_accuracy  # noqa: E402
-from circuits.tasks import TASKS, answer_ids, logit_diff, make_task  # noqa: E402
+from attribution.metrics import logit_diff  # noqa: E402
+from attribution.model.loading import load_model  # noqa: E402
+from circuits.tasks import TASKS, answer_ids, make_task  # noqa: E402
+from sfc.pipeline import DiscoverConfig, sweep_curve, task_accuracy  # noqa: E402
+from viz.curves import curve_figure  # noqa: E402
 
 
 def nodes_to_reach(curve, level: float) -> int | None:
@@ -73,11 +75,11 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_model("smollm2-135m")
-    saes = load_dictionaries("smollm2-135m", model=model)
+    saes = load_cached_dictionaries("smollm2-135m", model=model)
     sites = [s for s in model.all_sites() if s.name in saes]
     neurons = {s.name: Identity(s.d) for s in sites}
     start = model.config.num_hidden_layers // 3 if args.start_layer is None else args.start_layer
-    cfg = DiscoverConfig(n_examples=args.examples, n_test=args.test, start_layer=start)
+    cfg = DiscoverConfig(n_examples=args.examples, n_test=args.test, ablation=AblationConfig(start_layer=start))
     rows, curves = {}, {}
     for name in args.tasks:
         task = make_task(name, model.tokenizer, args.examples, args.test, seed=0)

@@ -6,7 +6,7 @@
 With ``--build`` the default scope is (re)built first and the build is timed
 (run it on an empty ``$SFC_CACHE`` to time a first build). Then it times
 loading the cached model plus dictionaries, and measures each site on
-held-out text (see :func:`attribution.dictionary_store.evaluate_dictionaries`).
+held-out text (see :func:`attribution.dictionaries.store.evaluate_dictionaries`).
 
 Targets: variance explained >= 0.80 at every site; mean L0 <= 64; dead
 fraction <= 0.10; CE loss recovered median >= 0.80 and worst >= 0.60; first
@@ -51,13 +51,13 @@ def main() -> int:
         result["build_seconds"] = round(time.time() - t0, 1)
 
     from attribution.cache import dictionary_cache
-    from attribution.dictionary_io import read_metadata
-    from attribution.dictionary_store import evaluate_dictionaries, load_dictionaries
-    from attribution.smollm import DEFAULT_SITES, MODEL_NAME, load_smollm2
+    from attribution.dictionaries.formats import read_metadata
+    from attribution.dictionaries.store import evaluate_dictionaries, load_cached_dictionaries
+    from attribution.model.embedded import DEFAULT_SITES, MODEL_NAME, load_smollm2
 
     t0 = time.time()
     model = load_smollm2()
-    dictionaries = load_dictionaries(MODEL_NAME, model=model)
+    dictionaries = load_cached_dictionaries(MODEL_NAME, model=model)
     result["load_seconds"] = round(time.time() - t0, 2)
     metadata = {s: read_metadata(dictionary_cache(MODEL_NAME) / s) for s in DEFAULT_SITES}
     t0 = time.time()

@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.synthetic_graph import synthetic_circuit
 from viz import render_html
-from viz.synthetic import synthetic_circuit
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -14,10 +14,12 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from ablation.masks import NodeMask
 from attribution.edges import EdgeEffects
-from attribution.effects import Aggregation, NodeEffects
+from attribution.effects import NodeEffects
+from attribution.model.wrapper import SFCModel
+from attribution.options import Aggregation
 from circuits.graph import METRIC_ID, Circuit, CircuitMetadata, Edge, Node, node_id, parse_node_id
+from circuits.masks import NodeMask
 
 
 def _check_thresholds(node_threshold: float, edge_threshold: float, top_k: int | None) -> None:
@@ -39,8 +41,8 @@ def build_circuit(
     effects: NodeEffects,
     edges: EdgeEffects | None,
     *,
-    model: str,
-    n_layers: int,
+    model: SFCModel | str,
+    n_layers: int | None = None,
     aggregation: Aggregation = "none",
     node_threshold: float = 0.1,
     edge_threshold: float = 0.01,
@@ -51,8 +53,17 @@ def build_circuit(
     prune: bool = True,
     extra: dict | None = None,
 ) -> Circuit:
-    """Threshold aggregated effects into a circuit (see the module docstring)."""
+    """Threshold aggregated effects into a circuit (see the module docstring).
+
+    ``model`` is the model the effects came from (its name and layer count go
+    into the metadata), or just its name, with ``n_layers`` given.
+    """
     _check_thresholds(node_threshold, edge_threshold, top_k)
+    if isinstance(model, SFCModel):
+        n_layers = model.config.num_hidden_layers if n_layers is None else n_layers
+        model = model.name
+    elif n_layers is None:
+        raise ValueError("build_circuit needs n_layers when model is a name: pass the loaded model instead.")
     feats, errs = effects.aggregate(aggregation)
     acts = _activations(effects, aggregation)
     nodes: list[Node] = []

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cache
@@ -44,9 +43,10 @@ from typing import Any, Literal
 
 import networkx as nx
 
+from attribution.cache import atomic_write_text
+from attribution.options import Aggregation, Method
+
 NodeKind = Literal["embed", "attn", "mlp", "resid", "metric"]
-Method = Literal["attrib", "ig", "exact"]
-Aggregation = Literal["none", "sum"]
 
 FORMAT = "sfc-circuit"
 SCHEMA_VERSION = 1
@@ -410,18 +410,7 @@ class Circuit:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the circuit as JSON, atomically (temp file + rename), deterministic bytes."""
-        path = Path(path)
-        text = _dumps(self.to_json_dict())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_text(path, _dumps(self.to_json_dict()))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Circuit:
@@ -664,3 +653,8 @@ def _check_consistency(nodes: list[Node], edges: list[Edge], source: str) -> Non
                 raise CircuitFormatError(
                     f"{source}: edges[{i}] refers to node {end!r}, which is not in 'nodes'."
                 )
+
+
+def load_circuit(path: str | os.PathLike) -> Circuit:
+    """Read and validate a circuit file (:meth:`Circuit.load`)."""
+    return Circuit.load(path)

@@ -22,7 +22,7 @@ answer is one token. :func:`load_jsonl_task` reads a user's own task.
 
 Everything is validated here, before any model work, and each problem is one
 clear sentence. :func:`answer_ids` turns answers into token ids, and
-:func:`logit_diff` / :func:`neg_log_prob` build metrics with the attribution
+:func:`attribution.metrics.logit_diff` / :func:`~attribution.metrics.neg_log_prob` build metrics with the attribution
 engine's protocol ``metric(logits [n, s, vocab], rows [n]) -> [n]``.
 """
 
@@ -32,7 +32,7 @@ import itertools
 import json
 import os
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +43,6 @@ from torch import Tensor
 TaskName = Literal["simple", "within_rc", "across_rc", "across_pp"]
 TASKS: tuple[TaskName, ...] = ("simple", "within_rc", "across_rc", "across_pp")
 
-Metric = Callable[[Tensor, Tensor], Tensor]
 """``metric(logits [n, s, vocab], rows [n]) -> [n]``; ``rows[i]`` is the example of run-row ``i``."""
 
 # ------------------------------------------------------------------ vocabulary
@@ -374,7 +373,7 @@ def validate_examples(
                 )
 
 
-# ------------------------------------------------------------------ ids and metrics
+# ------------------------------------------------------------------ answer ids
 
 
 def answer_ids(examples: Sequence[Example], tokenizer: Any) -> tuple[Tensor, Tensor | None]:
@@ -395,32 +394,15 @@ def answer_ids(examples: Sequence[Example], tokenizer: Any) -> tuple[Tensor, Ten
     return clean, patch
 
 
-def logit_diff(good_ids: Tensor, bad_ids: Tensor) -> Metric:
-    """``m = logit[good] - logit[bad]`` at the last position, per row (SPEC §2.4).
-
-    For discovery the reference uses ``good = patch answers, bad = clean
-    answers``, so that patching raises m; evaluation swaps them. Inputs are
-    left-padded, so position -1 is each row's last real token.
-    """
-    good_ids, bad_ids = torch.as_tensor(good_ids).long(), torch.as_tensor(bad_ids).long()
-
-    def metric(logits: Tensor, rows: Tensor) -> Tensor:
-        last = logits[:, -1, :]
-        rows = rows.to(last.device)
-        good = good_ids.to(last.device)[rows]
-        bad = bad_ids.to(last.device)[rows]
-        return last.gather(1, good[:, None])[:, 0] - last.gather(1, bad[:, None])[:, 0]
-
-    return metric
-
-
-def neg_log_prob(answer_ids: Tensor) -> Metric:
-    """``m = -log p(answer)`` at the last position, per row (paper's metric for unpaired data)."""
-    answer_ids = torch.as_tensor(answer_ids).long()
-
-    def metric(logits: Tensor, rows: Tensor) -> Tensor:
-        logp = torch.log_softmax(logits[:, -1, :].float(), dim=-1)
-        ans = answer_ids.to(logp.device)[rows.to(logp.device)]
-        return -logp.gather(1, ans[:, None])[:, 0].to(logits.dtype)
-
-    return metric
+def load_task(task: str | os.PathLike, tokenizer: Any, n_train: int = 32, n_test: int = 40, seed: int = 0) -> TaskData:
+    """A built-in task by name (:data:`TASKS`), or a ``.jsonl`` file, with ``n_train``
+    training and ``n_test`` test examples (seeded)."""
+    name = os.fspath(task)
+    if name in TASKS:
+        return make_task(name, tokenizer, n_train, n_test, seed)  # type: ignore[arg-type]
+    if name.endswith(".jsonl"):
+        if not Path(name).exists():
+            raise FileNotFoundError(f"No task file at {name}: give a path to an existing JSONL file.")
+        data = load_jsonl_task(name, tokenizer, n_test=n_test, seed=seed)
+        return TaskData(data.name, data.train[:n_train], data.test)
+    raise ValueError(f"Unknown task {name!r}: the built-in tasks are {', '.join(TASKS)}, or pass a .jsonl file.")

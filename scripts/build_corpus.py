@@ -1,4 +1,4 @@
-"""Build the offline training corpus ``data/corpus.jsonl.gz`` from two Debian packages.
+"""Build the offline training corpus ``attribution/dictionaries/data/corpus.jsonl.gz`` from two Debian packages.
 
 Sources (human-written English, fetched with ``apt-get download``, never
 installed; both in Debian main, so free to redistribute):
@@ -51,7 +51,7 @@ LEAKAGE = re.compile(
     r"|\bthe \w+s? (near|behind|beside|next to) the \w+s? (is|are|has|have|does|do|goes|go) (here|there)\b",
     re.IGNORECASE,
 )
-OUT = Path(__file__).resolve().parent.parent / "data" / "corpus.jsonl.gz"
+OUT = Path(__file__).resolve().parent.parent / "attribution" / "dictionaries" / "data" / "corpus.jsonl.gz"
 
 
 class _Paragraphs(HTMLParser):

@@ -1,1 +1,78 @@
-"""The ``sfc`` command line: it sits on top of every package and nothing imports it."""
+"""Sparse feature circuits: one import for everything a user touches.
+
+    import sfc
+
+    model = sfc.load_model("smollm2-135m")
+    dicts = sfc.load_dictionaries(model)
+    task = sfc.load_task("across_rc", model.tokenizer, n_train=32, n_test=40)
+    ...
+
+Names are imported on first use, so ``import sfc`` and ``sfc --help`` stay fast.
+The pipeline behind them, one way: ``attribution`` (model, dictionaries, effects)
+< ``circuits`` (tasks, graph) < ``ablation`` (evaluation, SHIFT) < ``viz`` (pages)
+< ``sfc`` (this facade, the ``discover`` job and the command line).
+"""
+
+from importlib import import_module
+
+_EXPORTS: dict[str, str] = {
+    # the model and its dictionaries
+    "load_model": "attribution.model.loading",
+    "SFCModel": "attribution.model.wrapper",
+    "load_dictionaries": "attribution.dictionaries.sets",
+    "DictionarySet": "attribution.dictionaries.sets",
+    "build_dictionaries": "attribution.dictionaries.store",
+    "TrainConfig": "attribution.dictionaries.training",
+    "random_sae": "attribution.dictionaries.kinds",
+    "calibrate_sparsity": "attribution.dictionaries.kinds",
+    "tracing": "attribution.model",
+    # tasks and metrics
+    "load_task": "circuits.tasks",
+    "make_task": "circuits.tasks",
+    "answer_ids": "circuits.tasks",
+    "logit_diff": "attribution.metrics",
+    "neg_log_prob": "attribution.metrics",
+    # effects (paper Eqs. 2-5)
+    "node_effects": "attribution.effects",
+    "NodeEffects": "attribution.effects",
+    "edge_effects": "attribution.edges",
+    "EdgeEffects": "attribution.edges",
+    # circuits
+    "build_circuit": "circuits.build",
+    "circuit_masks": "circuits.build",
+    "masks_from_effects": "circuits.masks",
+    "Circuit": "circuits.graph",
+    "load_circuit": "circuits.graph",
+    # evaluation
+    "AblationConfig": "ablation.config",
+    "faithfulness": "ablation.evaluate",
+    "run_with_ablations": "ablation.evaluate",
+    "sweep": "ablation.sweep",
+    # pages and figures
+    "render_html": "viz.html",
+    "compute_dashboards": "viz.dashboards",
+    "circuit_figure": "viz.figure",
+    "curve_figure": "viz.curves",
+    # the main job
+    "discover": "sfc.pipeline",
+    "DiscoverConfig": "sfc.pipeline",
+    "write_outputs": "sfc.pipeline",
+    "evaluate": "sfc.pipeline",
+    "sweep_curve": "sfc.pipeline",
+    "task_accuracy": "sfc.pipeline",
+    "load_effects": "sfc.pipeline",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sfc' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

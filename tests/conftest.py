@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformers as tf
 
-from attribution import tracing
-from attribution.dictionaries import SAE, calibrate_sparsity, random_sae
-from attribution.models import SFCModel
+from attribution.dictionaries.kinds import SAE, calibrate_sparsity, random_sae
+from attribution.model import tracing
+from attribution.model.wrapper import SFCModel
 
 VOCAB = 64
 

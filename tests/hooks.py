@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from attribution.sites import Site, get_module
+from attribution.model.sites import Site, get_module
 
 
 def run_hooked(

@@ -10,19 +10,12 @@ import torch
 from torch import Tensor
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from ablation import (
-    NodeMask,
-    curve_figure,
-    faithfulness,
-    masks_from_effects,
-    n_nodes,
-    random_masks_like,
-    run_with_ablations,
-    sweep,
-)
-from attribution.dictionaries import Identity, calibrate_sparsity, random_sae
-from attribution.models import Batch, SFCModel
-from attribution.sites import get_module
+from ablation import AblationConfig, faithfulness, run_with_ablations, sweep
+from attribution.dictionaries.kinds import Identity, calibrate_sparsity, random_sae
+from attribution.model.sites import get_module
+from attribution.model.wrapper import Batch, SFCModel
+from circuits.masks import NodeMask, masks_from_effects, n_nodes, random_masks_like
+from viz.curves import curve_figure
 
 B, S, V, D, F = 8, 6, 100, 32, 64
 
@@ -197,7 +190,7 @@ def test_empty_circuit_with_zero_ablation_sets_every_site_to_b_dec(setup: Setup)
     replace = {n: (lambda x, b=sae.b_dec: b.expand_as(x)) for n, sae in setup.dicts.items()}
     expected = setup.hooked_metric(replace)
     got = run_with_ablations(
-        setup.model, setup.model.tokenize(setup.clean), setup.dicts, {}, setup.metric, ablation="zero"
+        setup.model, setup.model.tokenize(setup.clean), setup.dicts, {}, setup.metric, config=AblationConfig(kind="zero")
     )
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
@@ -277,8 +270,8 @@ def test_complement_equals_the_inverted_mask(setup: Setup):
     batch = setup.model.tokenize(setup.clean)
     for ablation in ("mean", "zero"):
         a = run_with_ablations(setup.model, batch, setup.dicts, masks, setup.metric, complement=True,
-                               ablation=ablation)
-        b = run_with_ablations(setup.model, batch, setup.dicts, inverted, setup.metric, ablation=ablation)
+                               config=AblationConfig(kind=ablation))
+        b = run_with_ablations(setup.model, batch, setup.dicts, inverted, setup.metric, config=AblationConfig(kind=ablation))
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -288,7 +281,7 @@ def test_sites_below_start_layer_are_neither_ablated_nor_counted(setup: Setup):
     upper = [s.name for s in setup.sites if s.layer >= 1]
     expected = setup.hooked_metric(mean_hooks(setup, masks, means, names=upper))
     got = run_with_ablations(
-        setup.model, setup.model.tokenize(setup.clean), setup.dicts, masks, setup.metric, start_layer=1
+        setup.model, setup.model.tokenize(setup.clean), setup.dicts, masks, setup.metric, config=AblationConfig(start_layer=1)
     )
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert n_nodes(masks, start_layer=1) == sum(masks[n].n_nodes for n in upper)
@@ -307,7 +300,7 @@ def test_error_handling_modes_match_hooks(neox: Setup, mode: str):
     means = neox.mean_values(neox.clean)
     expected = neox.hooked_metric(mean_hooks(neox, masks, means, handle=rules[mode]))
     got = run_with_ablations(
-        neox.model, neox.model.tokenize(neox.clean), neox.dicts, masks, neox.metric, handle_errors=mode
+        neox.model, neox.model.tokenize(neox.clean), neox.dicts, masks, neox.metric, config=AblationConfig(handle_errors=mode)
     )
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
@@ -316,7 +309,7 @@ def test_error_handling_modes_give_different_metrics(neox: Setup):
     masks = random_masks(neox.dicts, seed=8)
     batch = neox.model.tokenize(neox.clean)
     outs = [
-        run_with_ablations(neox.model, batch, neox.dicts, masks, neox.metric, handle_errors=mode)
+        run_with_ablations(neox.model, batch, neox.dicts, masks, neox.metric, config=AblationConfig(handle_errors=mode))
         for mode in ("default", "remove", "keep", "resid_only")
     ]
     for i in range(len(outs)):
@@ -340,7 +333,7 @@ def test_resample_ablation_matches_hooks_with_the_same_permutation(setup: Setup)
     expected = setup.hooked_metric(replace)
     got = run_with_ablations(
         setup.model, setup.model.tokenize(setup.clean), setup.dicts, masks, setup.metric,
-        ablation="resample", reference=setup.model.tokenize(setup.patch), seed=seed,
+        config=AblationConfig(kind="resample", seed=seed), reference=setup.model.tokenize(setup.patch),
     )
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
@@ -349,12 +342,12 @@ def test_full_circuit_is_faithful_and_empty_circuit_is_complete(neox: Setup):
     batch = neox.model.tokenize(neox.clean)
     clean = neox.metric(neox.hf(neox.clean).logits, torch.arange(B)).detach().mean().item()
     full = {n: NodeMask.full(F, S) for n in neox.dicts}
-    res = faithfulness(neox.model, batch, neox.dicts, full, neox.metric, start_layer=0)
+    res = faithfulness(neox.model, batch, neox.dicts, full, neox.metric, config=AblationConfig(start_layer=0))
     assert res.faithfulness == pytest.approx(1.0, abs=1e-5)
     assert res.completeness == pytest.approx(0.0, abs=1e-5)
     assert res.m_full == pytest.approx(clean, abs=1e-6)
     assert res.n_nodes == 6 * (S * F + S)  # embed (layer -1) not counted
-    empty = faithfulness(neox.model, batch, neox.dicts, {}, neox.metric, start_layer=0)
+    empty = faithfulness(neox.model, batch, neox.dicts, {}, neox.metric, config=AblationConfig(start_layer=0))
     assert empty.faithfulness == pytest.approx(0.0, abs=1e-5)
     assert empty.completeness == pytest.approx(1.0, abs=1e-5)
     assert empty.n_nodes == 0
@@ -420,7 +413,7 @@ def test_masks_and_options_that_do_not_fit_are_rejected(neox: Setup):
     with pytest.raises(ValueError, match="boolean"):
         NodeMask(torch.ones(S, F), torch.ones(S, dtype=torch.bool))
     with pytest.raises(ValueError, match="Unknown handle_errors 'none'"):
-        run_with_ablations(neox.model, batch, neox.dicts, {}, neox.metric, handle_errors="none")
+        run_with_ablations(neox.model, batch, neox.dicts, {}, neox.metric, config=AblationConfig(handle_errors="none"))
     with pytest.raises(ValueError, match="same token length"):
         run_with_ablations(
             neox.model, batch, neox.dicts, {}, neox.metric, reference=neox.model.tokenize(neox.clean[:, :3])

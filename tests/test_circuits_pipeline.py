@@ -18,12 +18,13 @@ import transformers as tf
 
 from attribution.edges import edge_effects
 from attribution.effects import node_effects
-from attribution.models import SFCModel
+from attribution.metrics import logit_diff
+from attribution.model.wrapper import SFCModel
 from circuits.build import build_circuit, circuit_masks
-from circuits.discover import DiscoverConfig, discover, write_outputs
 from circuits.graph import Circuit, parse_node_id
-from circuits.tasks import answer_ids, logit_diff, make_task
+from circuits.tasks import answer_ids, make_task
 from sfc.cli import main as sfc_main
+from sfc.pipeline import DiscoverConfig, discover, write_outputs
 from tests.conftest import tiny_dictionaries
 from tests.test_tasks import NOUN_NUMBER, OTHER_WORDS, VERB_NUMBER, word_tokenizer
 

@@ -22,8 +22,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from attribution.dictionaries import SAE, Identity, calibrate_sparsity, random_sae
-from attribution.dictionary_io import DictionaryFileError, load_dictionary, save_dictionary
+from attribution.dictionaries.formats import DictionaryFileError, load_dictionary, save_dictionary
+from attribution.dictionaries.kinds import SAE, Identity, calibrate_sparsity, random_sae
 
 D, F = 6, 10  # d != F, so a transposed weight cannot pass unnoticed
 

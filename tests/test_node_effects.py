@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from attribution.effects import node_effects
-from attribution.models import Batch
+from attribution.model.wrapper import Batch
 from tests.conftest import logit_diff_metric, prompt_pairs, tiny_dictionaries, tiny_model
 from tests.hooks import run_hooked
 
@@ -210,7 +210,7 @@ def test_unknown_site_is_refused(small):
 
 def test_dictionary_for_another_model_is_refused(small):
     model, clean, patch, dicts = small
-    from attribution.dictionaries import random_sae
+    from attribution.dictionaries.kinds import random_sae
 
     wrong = dict(dicts, resid_0=random_sae(48, 96))
     with pytest.raises(ValueError, match="resid_0.*size 48.*size 32"):

@@ -17,14 +17,14 @@ import pytest
 import torch
 import transformers as tf
 
-from attribution import tracing
-from attribution.models import SFCModel
-from attribution.sites import ARCHITECTURES, get_module, is_parallel, register_architecture
+from attribution.model import tracing
+from attribution.model.sites import ARCHITECTURES, get_module, is_parallel, register_architecture
+from attribution.model.wrapper import SFCModel
 from tests.conftest import FAMILIES, VOCAB, tiny_model
 from tests.hooks import run_hooked
 
 # The HF modules each site must read, written out per family, independently of
-# attribution.sites: (embed, block, attention output, MLP output) paths.
+# attribution.model.sites: (embed, block, attention output, MLP output) paths.
 EXPECTED = {
     "gpt2": ("transformer.wte", "transformer.h.{L}", "transformer.h.{L}.attn", "transformer.h.{L}.mlp"),
     "gpt_neox": ("gpt_neox.embed_in", "gpt_neox.layers.{L}", "gpt_neox.layers.{L}.attention",

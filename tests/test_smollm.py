@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attribution.dictionary_io import DictionaryFileError
-from attribution.dictionary_store import build_dictionaries, load_dictionaries
-from attribution.smollm import DEFAULT_SITES, MODEL_NAME, load_smollm2
-from attribution.training import TrainConfig
+from attribution.dictionaries.formats import DictionaryFileError
+from attribution.dictionaries.store import build_dictionaries, load_cached_dictionaries
+from attribution.dictionaries.training import TrainConfig
+from attribution.model.embedded import DEFAULT_SITES, MODEL_NAME, load_smollm2
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def model():
 def test_a_cached_load_reads_the_cache_and_gives_the_same_model(model, monkeypatch):
     """Later loads come from the safetensors cache, never the GGUF file (load time is in
     benchmarks/dictionaries.py)."""
-    import attribution.smollm as smollm
+    import attribution.model.embedded as smollm
 
     monkeypatch.setattr(smollm, "_convert", lambda target: pytest.fail("the cached model was converted again"))
     again = load_smollm2()
@@ -54,17 +54,17 @@ def test_corrupt_model_cache_is_rebuilt(tmp_path, monkeypatch):
 
 
 def test_tiny_build_on_smollm2_reconstructs_held_out_activations(model, tmp_path, monkeypatch):
-    from attribution.corpus import corpus_contexts
-    from attribution.training import reconstruction_stats
+    from attribution.dictionaries.corpus import corpus_contexts
+    from attribution.dictionaries.training import reconstruction_stats
 
     monkeypatch.setenv("SFC_CACHE", str(tmp_path))
     cfg = TrainConfig(width=1152, k=32, epochs=2)
     folders = build_dictionaries(model, model.sites(["resid_3"]), cfg, 4096, log=lambda m: None)
     assert (folders["resid_3"] / "ae.pt").exists()
-    sae = load_dictionaries(MODEL_NAME, ["resid_3"], model=model)["resid_3"]
+    sae = load_cached_dictionaries(MODEL_NAME, ["resid_3"], model=model)["resid_3"]
     ids = corpus_contexts(model.tokenizer, 1024, 128, "heldout")
-    from attribution.models import Batch
-    from attribution.tracing import run
+    from attribution.model.tracing import run
+    from attribution.model.wrapper import Batch
 
     x = run(model, Batch(ids, torch.ones_like(ids)), model.sites(["resid_3"]), None, torch.arange(len(ids)))
     stats = reconstruction_stats(sae, x.acts["resid_3"][:, 1:].reshape(-1, 576))
@@ -73,4 +73,4 @@ def test_tiny_build_on_smollm2_reconstructs_held_out_activations(model, tmp_path
 
 def test_missing_dictionaries_name_the_build_command(tmp_path):
     with pytest.raises(DictionaryFileError, match="sfc dictionaries build --model smollm2-135m"):
-        load_dictionaries(MODEL_NAME, root=tmp_path)
+        load_cached_dictionaries(MODEL_NAME, root=tmp_path)

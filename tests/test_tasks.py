@@ -17,14 +17,13 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from attribution.metrics import logit_diff, neg_log_prob
 from circuits.tasks import (
     TASKS,
     Example,
     answer_ids,
     load_jsonl_task,
-    logit_diff,
     make_task,
-    neg_log_prob,
     validate_examples,
 )
 

@@ -9,20 +9,19 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from attribution import harvest as harvest_mod
-from attribution import training
 from attribution.cache import atomic_dir
-from attribution.corpus import load_corpus
-from attribution.dictionaries import Identity
-from attribution.dictionary_io import DictionaryFileError, load_dictionary, read_metadata
-from attribution.dictionary_store import (
+from attribution.dictionaries import Identity, training
+from attribution.dictionaries import harvest as harvest_mod
+from attribution.dictionaries.corpus import load_corpus
+from attribution.dictionaries.formats import DictionaryFileError, load_dictionary, read_metadata
+from attribution.dictionaries.harvest import harvest
+from attribution.dictionaries.store import (
     build_dictionaries,
     evaluate_dictionaries,
-    load_dictionaries,
+    load_cached_dictionaries,
 )
-from attribution.harvest import harvest
-from attribution.models import SFCModel
-from attribution.training import TrainConfig, reconstruction_stats, train_topk
+from attribution.dictionaries.training import TrainConfig, reconstruction_stats, train_topk
+from attribution.model.wrapper import SFCModel
 
 SITES = ["resid_0", "resid_1"]
 
@@ -250,7 +249,7 @@ def test_built_dictionaries_reload_with_identical_encodings(model, contexts, tmp
     monkeypatch.setenv("SFC_CACHE", str(tmp_path))
     cfg = TrainConfig(width=64, k=4, epochs=1, batch_size=128)
     folders = build_dictionaries(model, model.sites(SITES), cfg, 0, contexts=contexts, batch_size=96, log=lambda m: None)
-    loaded = load_dictionaries(model.name, SITES, model=model)
+    loaded = load_cached_dictionaries(model.name, SITES, model=model)
     x = torch.randn(10, 32)
     for site, folder in folders.items():
         meta = read_metadata(folder)
@@ -314,8 +313,8 @@ def test_failed_write_leaves_no_cache_entry(tmp_path):
 
 
 def _save_random(folder: Path, model_name: str, d: int = 32) -> None:
-    from attribution.dictionaries import random_sae
-    from attribution.dictionary_io import save_dictionary
+    from attribution.dictionaries.formats import save_dictionary
+    from attribution.dictionaries.kinds import random_sae
 
     save_dictionary(random_sae(d, 64, "topk", k=4), folder, {"model": model_name, "site": folder.name, "d": d})
 
@@ -324,29 +323,29 @@ def test_corrupt_ae_pt_raises_dictionary_file_error(model, tmp_path):
     _save_random(tmp_path / "resid_0", model.name)
     (tmp_path / "resid_0" / "ae.pt").write_bytes(b"not a torch file")
     with pytest.raises(DictionaryFileError, match="corrupt"):
-        load_dictionaries(model.name, ["resid_0"], model=model, root=tmp_path)
+        load_cached_dictionaries(model.name, ["resid_0"], model=model, root=tmp_path)
 
 
 def test_missing_dictionary_says_how_to_build_it(model, tmp_path):
     with pytest.raises(DictionaryFileError, match="sfc dictionaries build --model tiny-llama --sites resid_1"):
-        load_dictionaries(model.name, ["resid_1"], model=model, root=tmp_path)
+        load_cached_dictionaries(model.name, ["resid_1"], model=model, root=tmp_path)
 
 
 def test_dictionary_of_another_model_is_rejected(model, tmp_path):
     _save_random(tmp_path / "resid_0", "some-other-model")
     with pytest.raises(DictionaryFileError, match="built for model 'some-other-model'"):
-        load_dictionaries(model.name, ["resid_0"], model=model, root=tmp_path)
+        load_cached_dictionaries(model.name, ["resid_0"], model=model, root=tmp_path)
 
 
 def test_dictionary_of_another_width_is_rejected_naming_both_shapes(model, tmp_path):
     _save_random(tmp_path / "resid_0", model.name, d=48)
     with pytest.raises(DictionaryFileError, match=r"resid_0.*d=48.*\(64, 48\).*d=32"):
-        load_dictionaries(model.name, ["resid_0"], model=model, root=tmp_path)
+        load_cached_dictionaries(model.name, ["resid_0"], model=model, root=tmp_path)
 
 
 def test_unknown_site_is_rejected(model, tmp_path):
     with pytest.raises(ValueError, match="Unknown site"):
-        load_dictionaries(model.name, ["resid_7"], model=model, root=tmp_path)
+        load_cached_dictionaries(model.name, ["resid_7"], model=model, root=tmp_path)
 
 
 def test_identity_dictionary_recovers_all_of_the_ce_loss(model, contexts):
@@ -391,8 +390,8 @@ def test_cleanup_spares_the_temporary_folder_of_a_running_build(tmp_path):
 def test_build_command_passes_its_options_to_the_trainer_and_defaults_to_trainconfig(model, monkeypatch):
     """``sfc dictionaries build`` hands --width/--k/--epochs/--tokens/--sites on, and leaves every
     option not given at TrainConfig's default (the one place defaults live)."""
-    import attribution.dictionary_store as store
-    import attribution.models as models
+    import attribution.dictionaries.store as store
+    import attribution.model.loading as models
     from sfc.cli import main as sfc_main
 
     calls = []

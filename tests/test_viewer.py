@@ -1,6 +1,6 @@
 """The circuit viewer, driven in headless Chromium as a user would drive it.
 
-Each browser test renders a synthetic circuit (:mod:`viz.synthetic`) to HTML,
+Each browser test renders a synthetic circuit (:mod:`tests.synthetic_graph`) to HTML,
 opens it from disk, acts through the mouse and keyboard, and checks what the
 page shows against ground truth computed here in Python (networkx for
 ancestry, the JSON for thresholds). Any JavaScript error or console error
@@ -16,9 +16,10 @@ import networkx as nx
 import pytest
 import torch
 
+from circuits.flags import load_flags
 from sfc.cli import main as sfc_main
+from tests.synthetic_graph import synthetic_circuit
 from viz import circuit_figure, compute_dashboards, render_html
-from viz.synthetic import synthetic_circuit
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -214,6 +215,8 @@ def test_flags_and_edited_labels_download_as_feature_flags_json(viewer, circuit,
     assert doc["labels"][keys[0]] == "plural subject"
     xss_key = "{site}/{feature}".format(**circuit["nodes"][0])
     assert doc["labels"][xss_key] == XSS_LABELS[0]  # labels from the file are kept
+    flags = load_flags(path)  # the downloaded file follows the flags schema that SHIFT reads
+    assert flags.keys == sorted(keys, key=lambda k: (k.split("/")[0], int(k.split("/")[1])))
 
 
 def test_labels_and_tokens_are_shown_as_text_never_run(browser, tmp_path):
@@ -298,7 +301,7 @@ def _word_model():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from attribution.models import SFCModel
+    from attribution.model.wrapper import SFCModel
 
     words = [f"w{i}" for i in range(63)] + ["<pad>"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
@@ -312,8 +315,8 @@ def _word_model():
 
 
 def test_dashboards_hold_the_strongest_contexts_and_direct_logit_tokens(tmp_path, monkeypatch):
-    from attribution import tracing
-    from attribution.dictionaries import random_sae
+    from attribution.dictionaries.kinds import random_sae
+    from attribution.model import tracing
 
     model = _word_model()
     gen = torch.Generator().manual_seed(0)

@@ -28,11 +28,8 @@ import time
 import torch
 import transformers as tf
 
-from attribution import tracing
-from attribution.dictionaries import calibrate_sparsity, random_sae
-from attribution.edges import edge_effects
-from attribution.effects import node_effects
-from attribution.models import SFCModel
+import sfc
+from sfc import tracing
 
 QUICK = os.environ.get("SFC_TUTORIAL_QUICK") == "1"
 torch.manual_seed(0)
@@ -64,12 +61,12 @@ config = tf.LlamaConfig(
 )
 config._attn_implementation = "eager"
 hf_model = tf.AutoModelForCausalLM.from_config(config).to(torch.float64)
-model = SFCModel(hf_model, name="tiny-llama")
+model = sfc.SFCModel(hf_model, name="tiny-llama")
 print(model.name, "with", model.config.num_hidden_layers, "layers, d_model =", model.config.hidden_size)
 
 # %% [markdown]
 # A real model is one line: `model = load_model("EleutherAI/pythia-70m-deduped")`
-# (from `attribution.models`), or `SFCModel(hf_model, tokenizer)` for a model you
+# (`sfc.SFCModel`), or `SFCModel(hf_model, tokenizer)` for a model you
 # already loaded. Then prompts can be lists of strings; here, without a tokenizer,
 # we pass token-id tensors.
 #
@@ -113,8 +110,8 @@ calibration = torch.randint(1, len(VOCAB), (64, 8))
 cal_acts = tracing.run(model, model.tokenize(calibration), sites, None, torch.arange(64)).acts
 dictionaries = {}
 for i, site in enumerate(sites):
-    sae = random_sae(site.d, 256, "relu", seed=i, dtype=torch.float64)
-    dictionaries[site.name] = calibrate_sparsity(sae, cal_acts[site.name], target_l0=8)
+    sae = sfc.random_sae(site.d, 256, "relu", seed=i, dtype=torch.float64)
+    dictionaries[site.name] = sfc.calibrate_sparsity(sae, cal_acts[site.name], target_l0=8)
 
 acts = tracing.run(model, model.tokenize(clean), sites, None, rows).acts  # clean activations per site
 sae = dictionaries["resid_1"]
@@ -132,7 +129,7 @@ print("relative error |e| / |x|:", (sae.error(acts["resid_1"]).norm() / acts["re
 # `load_dictionary(folder)` detects the layout (no file is ever unpickled):
 #
 # ```python
-# from attribution.dictionary_io import load_dictionary
+# from attribution.dictionaries.formats import load_dictionary
 #
 # # dictionary_learning (the paper's Pythia SAEs): ae.pt + config.json
 # root = "dictionaries/pythia-70m-deduped"
@@ -180,8 +177,8 @@ def metric(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 # gradients along the straight line from clean to patch (Eq. 4).
 
 # %%
-atp = node_effects(model, dictionaries, clean, patch, metric, method="attrib", progress=False)
-ig = node_effects(model, dictionaries, clean, patch, metric, method="ig", steps=10, progress=False)
+atp = sfc.node_effects(model, dictionaries, clean, patch, metric, method="attrib", progress=False)
+ig = sfc.node_effects(model, dictionaries, clean, patch, metric, method="ig", steps=10, progress=False)
 print("features at resid_1:", tuple(ig.features["resid_1"].shape), "(example, position, feature)")
 print("error nodes at resid_1:", tuple(ig.errors["resid_1"].shape), "(example, position)")
 print("total effect m(patch) - m(clean) per example:", ig.total_effect)
@@ -224,7 +221,7 @@ if not QUICK:
     truth = site_patched_effect("resid_1")
     for points in ("paper", "midpoint"):
         for steps in (4, 16, 64):
-            est = node_effects(model, dictionaries, clean, patch, metric, sites=["resid_1"], method="ig",
+            est = sfc.node_effects(model, dictionaries, clean, patch, metric, sites=["resid_1"], method="ig",
                                steps=steps, ig_points=points, progress=False)
             gap = (est.site_total("resid_1") - truth).abs().max().item()
             print(f"{points:8s} IG, {steps:2d} steps: largest completeness gap at resid_1 {gap:.1e}")
@@ -260,7 +257,7 @@ for value, node in nodes[:10]:
 
 # %%
 threshold = 0.2 * max(abs(v) for v, _ in nodes)
-edges = edge_effects(model, dictionaries, clean, ig, metric, node_threshold=threshold, progress=False)
+edges = sfc.edge_effects(model, dictionaries, clean, ig, metric, node_threshold=threshold, progress=False)
 print("downstream nodes with incoming edges per site:", edges.n_selected)
 
 
@@ -322,7 +319,7 @@ for i in top.tolist():
 # ```python
 # hf = AutoModelForCausalLM.from_pretrained("google/gemma-2-2b", dtype=torch.bfloat16,
 #                                           device_map="auto", attn_implementation="eager")
-# model = SFCModel(hf, AutoTokenizer.from_pretrained("google/gemma-2-2b"))
+# model = sfc.SFCModel(hf, AutoTokenizer.from_pretrained("google/gemma-2-2b"))
 # ```
 #
 # Each site's activations, gradients and effects live on the device of the module

@@ -34,24 +34,7 @@ from pathlib import Path
 import networkx as nx
 import torch
 
-from ablation import curve_figure
-from attribution.cache import dictionary_cache
-from attribution.dictionary_io import read_metadata
-from attribution.dictionary_store import build_dictionaries, load_dictionaries
-from attribution.models import load_model
-from attribution.training import TrainConfig
-from circuits.discover import (
-    DiscoverConfig,
-    discover,
-    evaluate,
-    load_effects,
-    sweep_curve,
-    task_accuracy,
-    write_outputs,
-)
-from circuits.graph import Circuit
-from circuits.tasks import answer_ids, logit_diff, make_task
-from viz import circuit_figure, render_html
+import sfc
 
 QUICK = os.environ.get("SFC_TUTORIAL_QUICK") == "1"
 MODEL = "smollm2-135m"
@@ -72,7 +55,7 @@ start = time.perf_counter()
 # `~/.cache/sparse-feature-circuits`) and reads that folder afterwards.
 
 # %%
-model = load_model(MODEL)
+model = sfc.load_model(MODEL)
 print(f"{model.name}: {model.config.num_hidden_layers} layers, d_model {model.config.hidden_size}, "
       f"{len(model.all_sites())} sites")
 
@@ -80,7 +63,7 @@ print(f"{model.name}: {model.config.num_hidden_layers} layers, d_model {model.co
 # The default dictionaries are TopK SAEs on the residual stream after every
 # third block and after the last one (`resid_0, resid_3, ..., resid_27, resid_29`),
 # built once with `sfc dictionaries build --model smollm2-135m` and loaded with
-# `load_dictionaries`. Loading checks each file against the model and says how to
+# `sfc.load_dictionaries(model)`. Loading checks each file against the model and says how to
 # rebuild whatever is missing.
 #
 # In quick mode we build two small dictionaries ourselves with
@@ -93,21 +76,19 @@ print(f"{model.name}: {model.config.num_hidden_layers} layers, d_model {model.co
 # %%
 if QUICK:
     dict_root = OUT / "dictionaries"
-    build_dictionaries(
-        model, model.sites(["resid_3", "resid_6"]), TrainConfig(width=512, k=16, epochs=2),
+    sfc.build_dictionaries(
+        model, model.sites(["resid_3", "resid_6"]), sfc.TrainConfig(width=512, k=16, epochs=2),
         n_tokens=4096, root=dict_root, log=lambda msg: print("  build:", msg),
     )
-    dictionaries = load_dictionaries(MODEL, ["resid_3", "resid_6"], model=model, root=dict_root)
+    dictionaries = sfc.load_dictionaries(model, dict_root)
 else:
-    dict_root = dictionary_cache(MODEL)
-    dictionaries = load_dictionaries(MODEL, model=model)  # every default site
+    dictionaries = sfc.load_dictionaries(model)  # the cache: every default site
 
 for site, sae in dictionaries.items():
-    meta = read_metadata(dict_root / site)
+    meta = dictionaries.metadata(site)
     print(f"{site:9s} width {sae.width:5d}  k {meta['k']:3d}  trained on {meta['tokens_trained']:7d} tokens  "
           f"fraction of variance unexplained {meta['train']['final_fvu']:.3f}")
-# The circuit records where its dictionaries came from (the CLI writes the same ids).
-dictionary_ids = {site: str(dict_root / site) if QUICK else f"cache:{MODEL}/{site}" for site in dictionaries}
+# `dictionaries.ids` records where each came from; the circuit keeps them in its metadata.
 
 # %% [markdown]
 # ## 2. The task, and whether the model can do it
@@ -120,7 +101,7 @@ dictionary_ids = {site: str(dict_root / site) if QUICK else f"cache:{MODEL}/{sit
 # length and positions line up across examples.
 
 # %%
-task = make_task("across_rc", model.tokenizer, n_train=N_EXAMPLES, n_test=N_TEST, seed=0)
+task = sfc.make_task("across_rc", model.tokenizer, n_train=N_EXAMPLES, n_test=N_TEST, seed=0)
 ex = task.train[0]
 print(f"{len(task.train)} train / {len(task.test)} test pairs, e.g.")
 print(f"  clean {ex.clean_prefix!r} -> {ex.clean_answer!r}")
@@ -135,10 +116,10 @@ print(f"  patch {ex.patch_prefix!r} -> {ex.patch_answer!r}")
 # clearly positive when the model does the task.
 
 # %%
-print(f"accuracy on across_rc: train {task_accuracy(model, task.train):.0%}, test {task_accuracy(model, task.test):.0%}")
+print(f"accuracy on across_rc: train {sfc.task_accuracy(model, task.train):.0%}, test {sfc.task_accuracy(model, task.test):.0%}")
 
-clean_ids, patch_ids = answer_ids(task.train, model.tokenizer)
-metric = logit_diff(patch_ids, clean_ids)
+clean_ids, patch_ids = sfc.answer_ids(task.train, model.tokenizer)
+metric = sfc.logit_diff(patch_ids, clean_ids)
 rows = torch.arange(len(task.train))
 with torch.no_grad():
     for label, prompts in (("clean", "clean_prefix"), ("patch", "patch_prefix")):
@@ -164,9 +145,9 @@ with torch.no_grad():
 # Effects are in units of the metric (logits), so thresholds are too.
 
 # %%
-cfg = DiscoverConfig(n_examples=N_EXAMPLES, n_test=N_TEST, method="ig", steps=IG_STEPS,
+cfg = sfc.DiscoverConfig(n_examples=N_EXAMPLES, n_test=N_TEST, method="ig", steps=IG_STEPS,
                      aggregation="none", node_threshold=0.1, edge_threshold=0.01)
-result = discover(model, dictionaries, task, cfg, dictionary_ids=dictionary_ids, progress=False)
+result = sfc.discover(model, dictionaries, task, cfg, progress=False)
 circuit = result.circuit
 print("timings (s):", result.metrics["timings"])
 
@@ -274,7 +255,7 @@ print(f"  m(M) {ev['m_full']:+.3f}  m(empty) {ev['m_empty']:+.3f}  m(C) {ev['m_c
       f"m(M \\ C) {ev['m_complement']:+.3f}")
 strict = max(abs(n.effect) for n in body) / 4
 small = circuit.filter(node_threshold=strict).prune_to_metric()
-scores = evaluate(model, dictionaries, small, task.test, cfg)
+scores = sfc.evaluate(model, dictionaries, small, task.test, cfg)
 print(f"|effect| > {strict:.3f}: {len(small.nodes) - 1} nodes, faithfulness {scores['faithfulness']:.3f}, "
       f"completeness {scores['completeness']:.3f}")
 
@@ -291,12 +272,12 @@ print(f"|effect| > {strict:.3f}: {len(small.nodes) - 1} nodes, faithfulness {sco
 top_effect = max(v.abs().max().item() for v in [*result.effects_features.values(), *result.effects_errors.values()])
 n_thresholds = 3 if QUICK else 8
 thresholds = [top_effect / 2 * 10 ** (-3 * i / (n_thresholds - 1)) for i in range(n_thresholds)]
-points = sweep_curve(model, dictionaries, result.effects_features, result.effects_errors, task.test, cfg,
+points = sfc.sweep_curve(model, dictionaries, result.effects_features, result.effects_errors, task.test, cfg,
                      thresholds, progress=False)
 print(f"{'T_N':>8s} {'nodes':>6s} {'faithfulness':>13s} {'completeness':>13s}")
 for p in points:
     print(f"{p.threshold:8.4f} {p.n_nodes:6d} {p.faithfulness:13.3f} {p.completeness:13.3f}")
-fig = curve_figure({"SmolLM2 features": points}, title="across_rc: faithfulness and completeness")
+fig = sfc.curve_figure({"SmolLM2 features": points}, title="across_rc: faithfulness and completeness")
 fig.write_html(OUT / "curve.html", include_plotlyjs="directory")  # plotly.min.js next to it, works offline
 
 # %% [markdown]
@@ -319,14 +300,14 @@ fig.write_html(OUT / "curve.html", include_plotlyjs="directory")  # plotly.min.j
 
 # %%
 run_dir = OUT / "across_rc"
-write_outputs(run_dir, result)
+sfc.write_outputs(run_dir, result)
 print("wrote", sorted(p.name for p in run_dir.iterdir()))
-loaded = Circuit.load(run_dir / "circuit.json")
+loaded = sfc.load_circuit(run_dir / "circuit.json")
 loaded.save(OUT / "resaved.json")
 same = (run_dir / "circuit.json").read_bytes() == (OUT / "resaved.json").read_bytes()
 print(f"loaded {len(loaded.nodes)} nodes and {len(loaded.edges)} edges; identical bytes on re-save: {same}")
 assert same
-feats, errs = load_effects(run_dir / "effects.npz")
+feats, errs = sfc.load_effects(run_dir / "effects.npz")
 assert torch.allclose(feats["resid_3"], result.effects_features["resid_3"].float())
 print("metrics.json keys:", ", ".join(json.loads((run_dir / "metrics.json").read_text())))
 
@@ -350,8 +331,8 @@ print("one node:", {k: np_graph["nodes"][0][k] for k in ("node_id", "layer", "ct
 # `sfc view` opens a saved circuit the same way.
 
 # %%
-viewer = render_html(loaded, OUT / "circuit.html")
-circuit_figure(loaded).write_html(OUT / "circuit_figure.html", include_plotlyjs="directory")
+viewer = sfc.render_html(loaded, OUT / "circuit.html")
+sfc.circuit_figure(loaded).write_html(OUT / "circuit_figure.html", include_plotlyjs="directory")
 print(f"viewer: {viewer} ({viewer.stat().st_size // 1024} KiB)")
 print("outputs in", OUT, ":", sorted(p.name for p in OUT.iterdir()))
 print(f"tutorial ran in {time.perf_counter() - start:.1f} s")

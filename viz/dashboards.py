@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from attribution.dictionaries import Dictionary
-    from attribution.models import SFCModel
+    from attribution.dictionaries.kinds import Dictionary
+    from attribution.model.wrapper import SFCModel
 
 CONTEXT_BEFORE = 12  # tokens shown before the strongest position
 CONTEXT_AFTER = 4  # and after it
@@ -87,8 +87,8 @@ def compute_dashboards(
     import torch
     from tqdm.auto import tqdm
 
-    from attribution.dictionary_io import atomic_write_bytes
-    from attribution.tracing import run
+    from attribution.cache import atomic_write_bytes
+    from attribution.model.tracing import run
 
     keys = sorted(set(feature_keys))
     if not keys:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import html
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ import numpy as np
 from plotly.offline import get_plotlyjs
 from plotly.utils import PlotlyJSONEncoder
 
+from attribution.cache import atomic_write_text
 from viz.figure import (
     COLORSCALE,
     EDGE_COLORS,
@@ -78,7 +78,8 @@ def viewer_payload(circuit: Any, dashboards: Mapping | None = None) -> dict:
     meta = data["metadata"]
     return {
         "meta": {k: meta.get(k) for k in ("model", "task", "method", "aggregation", "node_threshold",
-                                          "edge_threshold", "prompt_tokens", "total_effect", "n_layers")},
+                                          "edge_threshold", "prompt_tokens", "total_effect", "n_layers",
+                                          "dictionaries")},
         "empty": not any(n["kind"] != "metric" for n in nodes),
         "nodes": {
             "id": [n["id"] for n in nodes],
@@ -145,17 +146,4 @@ def render_html(circuit: Any, path: str | os.PathLike, dashboards: Mapping | Non
     one raises ``ValueError`` and writes nothing. The write is atomic.
     """
     text = _page(viewer_payload(circuit, dashboards))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a page is for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text)

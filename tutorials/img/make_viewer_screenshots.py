@@ -23,8 +23,8 @@ from pathlib import Path
 
 from playwright.sync_api import Page, sync_playwright
 
+from tests.synthetic_graph import synthetic_circuit
 from viz import render_html
-from viz.synthetic import synthetic_circuit
 
 HERE = Path(__file__).parent
 CHROMIUM = "/usr/bin/chromium"
@@ -86,7 +86,7 @@ def synthetic(browser, tmp: Path) -> None:
 
 def _texts(tokenizer, n_texts: int, max_tokens: int) -> list[str]:
     """The first ``n_texts`` held-out documents, each cut to ``max_tokens`` tokens."""
-    from attribution.corpus import load_corpus
+    from attribution.dictionaries.corpus import load_corpus
 
     out = []
     for text in load_corpus("heldout")[:n_texts]:
@@ -98,8 +98,8 @@ def _texts(tokenizer, n_texts: int, max_tokens: int) -> list[str]:
 def real_dashboards(circuit: dict, n_texts: int, max_tokens: int, cache_dir: Path | None) -> dict:
     import torch
 
-    from attribution.dictionary_store import load_dictionaries
-    from attribution.models import load_model
+    from attribution.dictionaries.store import load_cached_dictionaries
+    from attribution.model.loading import load_model
     from viz import compute_dashboards
 
     torch.set_num_threads(1)
@@ -108,7 +108,7 @@ def real_dashboards(circuit: dict, n_texts: int, max_tokens: int, cache_dir: Pat
     keys = sorted({f"{n['site']}/{n['feature']}" for n in circuit["nodes"]
                    if n["kind"] != "metric" and not n["is_error"]})
     sites = sorted({k.rpartition("/")[0] for k in keys})
-    dictionaries = load_dictionaries(meta["model"], sites, model=model)
+    dictionaries = load_cached_dictionaries(meta["model"], sites, model=model)
     texts = _texts(model.tokenizer, n_texts, max_tokens)
     # Similar lengths in a batch waste less on padding; the result does not depend on the order.
     texts.sort(key=lambda t: len(model.tokenizer(t, add_special_tokens=False)["input_ids"]))

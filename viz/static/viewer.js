@@ -486,6 +486,7 @@
     var lab = {};
     Object.keys(labels).sort().forEach(function (k) { if (labels[k]) lab[k] = labels[k]; });
     return { format: "sfc-feature-flags", version: 1, model: D.meta.model, task: D.meta.task,
+             dictionaries: D.meta.dictionaries || {},
              labels: lab, flagged: Object.keys(flagged).sort() };
   }
   download.addEventListener("click", function () {

@@ -7,10 +7,10 @@ model id, site, ``d``, width, ``k``, tokens trained and training statistics.
 - :func:`build_dictionaries` harvests all requested sites in one pass over
   the corpus, then trains one TopK SAE per site, bottom-up; each residual SAE
   starts from the one of the residual site below it (see
-  :mod:`attribution.training`). Each site folder appears atomically when its
+  :mod:`attribution.dictionaries.training`). Each site folder appears atomically when its
   SAE is done, so an interrupted build resumes: finished sites are skipped (and
   still seed the next site) and a complete harvest is reused.
-- :func:`load_dictionaries` loads the set and refuses files that are missing,
+- :func:`load_cached_dictionaries` loads the set and refuses files that are missing,
   corrupt, or built for another model.
 - :func:`evaluate_dictionaries` measures each dictionary on held-out text:
   variance explained, L0, and the cross-entropy loss recovered when the
@@ -36,23 +36,23 @@ from attribution.cache import (
     dictionary_cache,
     remove_stale_temporaries,
 )
-from attribution.corpus import CORPUS_PATH, corpus_contexts
-from attribution.dictionaries import Dictionary
-from attribution.dictionary_io import (
+from attribution.dictionaries.corpus import CORPUS_PATH, corpus_contexts
+from attribution.dictionaries.formats import (
     DictionaryFileError,
     load_dictionary,
     read_metadata,
     save_dictionary,
 )
-from attribution.harvest import dtype_name, fast_dtype, harvest
-from attribution.models import Batch, SFCModel
-from attribution.sites import Site
-from attribution.tracing import run
-from attribution.training import TrainConfig, reconstruction_stats, train_topk
+from attribution.dictionaries.harvest import dtype_name, fast_dtype, harvest
+from attribution.dictionaries.kinds import Dictionary
+from attribution.dictionaries.training import TrainConfig, reconstruction_stats, train_topk
+from attribution.model.sites import Site
+from attribution.model.tracing import run
+from attribution.model.wrapper import Batch, SFCModel
 
 _log = logging.getLogger(__name__)
 CTX_LEN = 128
-SKIP_FIRST = 1  # the attention-sink position; see attribution.harvest
+SKIP_FIRST = 1  # the attention-sink position; see attribution.dictionaries.harvest
 
 
 def _build_hint(model_name: str, sites: list[str] | None = None) -> str:
@@ -60,7 +60,7 @@ def _build_hint(model_name: str, sites: list[str] | None = None) -> str:
     return f"`sfc dictionaries build --model {model_name}{flag}`"
 
 
-def load_dictionaries(
+def load_cached_dictionaries(
     model_name: str,
     sites: list[str] | None = None,
     *,
@@ -79,7 +79,7 @@ def load_dictionaries(
         model.sites(sites)  # unknown site names raise here, listing what exists
     if sites is None:
         if model_name == "smollm2-135m":
-            from attribution.smollm import DEFAULT_SITES
+            from attribution.model.embedded import DEFAULT_SITES
 
             sites = list(DEFAULT_SITES)
         else:
@@ -161,7 +161,7 @@ def build_dictionaries(
     are rebuilt. Sites train in depth order; with ``warm_start`` a
     site starts from the dictionary of the previous site of the same kind and
     ``d`` (recorded as ``init_from`` in its metadata). The model runs in
-    ``harvest_dtype`` for the harvest (``None``: :func:`~attribution.harvest.fast_dtype`
+    ``harvest_dtype`` for the harvest (``None``: :func:`~attribution.dictionaries.harvest.fast_dtype`
     of its device). ``contexts [n, ctx_len]`` overrides the corpus (tests use
     it). Returns ``{site: folder}``.
     """

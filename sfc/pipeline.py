@@ -22,27 +22,30 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ablation.config import AblationConfig
 from ablation.evaluate import faithfulness
 from ablation.sweep import CurvePoint, sweep
-from attribution.dictionaries import Dictionary
-from attribution.dictionary_io import atomic_write_bytes
+from attribution.cache import atomic_write_bytes
+from attribution.dictionaries.kinds import Dictionary
 from attribution.edges import edge_effects
-from attribution.effects import Aggregation, Method, node_effects
-from attribution.models import Batch, SFCModel
+from attribution.effects import node_effects
+from attribution.metrics import logit_diff
+from attribution.model.wrapper import Batch, SFCModel
+from attribution.options import Aggregation, Method
 from circuits.build import build_circuit, circuit_masks
 from circuits.graph import Circuit
-from circuits.tasks import Example, TaskData, answer_ids, logit_diff
+from circuits.tasks import Example, TaskData, answer_ids
 
 
 @dataclass
 class DiscoverConfig:
-    """Options of :func:`discover` (the CLI's flags)."""
+    """Options of :func:`discover` (the CLI's flags); ``ablation`` says how the circuit is
+    evaluated (mean ablation over the patch prompts by default, SPEC §5)."""
 
     n_examples: int = 32
     n_test: int = 40
@@ -52,9 +55,7 @@ class DiscoverConfig:
     node_threshold: float = 0.1
     edge_threshold: float = 0.01
     top_k: int | None = None
-    ablation: Literal["mean", "zero", "resample"] = "mean"
-    handle_errors: Literal["default", "remove", "keep", "resid_only"] = "default"
-    start_layer: int = -1
+    ablation: AblationConfig = field(default_factory=AblationConfig)
     edges: bool = True
     seed: int = 0
 
@@ -94,10 +95,7 @@ def evaluate(
     clean, patch, good, bad = _pairs(model, test)
     widths = {name: d.width for name, d in dictionaries.items()}
     masks = circuit_masks(circuit, widths, clean.seq_len)
-    res = faithfulness(
-        model, clean, dictionaries, masks, logit_diff(good, bad), ablation=cfg.ablation,
-        reference=patch, handle_errors=cfg.handle_errors, start_layer=cfg.start_layer,
-    )
+    res = faithfulness(model, clean, dictionaries, masks, logit_diff(good, bad), config=cfg.ablation, reference=patch)
     return {"faithfulness": res.faithfulness, "completeness": res.completeness, "n_nodes_evaluated": res.n_nodes,
             "m_full": res.m_full, "m_empty": res.m_empty, "m_circuit": res.m_circuit,
             "m_complement": res.m_complement}
@@ -112,7 +110,13 @@ def discover(
     dictionary_ids: Mapping[str, str] | None = None,
     progress: bool = True,
 ) -> DiscoverResult:
-    """Discover and evaluate a circuit for ``task`` (see the module docstring)."""
+    """Discover and evaluate a circuit for ``task`` (see the module docstring).
+
+    ``dictionary_ids`` (where each dictionary came from) default to those of a
+    :class:`~attribution.dictionaries.sets.DictionarySet`.
+    """
+    if dictionary_ids is None:
+        dictionary_ids = getattr(dictionaries, "ids", None)
     train = task.train[: cfg.n_examples]
     test = task.test[: cfg.n_test]
     clean, patch, clean_ids, patch_ids = _pairs(model, train)
@@ -139,10 +143,10 @@ def discover(
         timings["edges_s"] = time.perf_counter() - t0
     tokens = model.token_strings(clean.input_ids[0]) if cfg.aggregation == "none" else None
     circuit = build_circuit(
-        effects, edges, model=model.name, n_layers=model.config.num_hidden_layers, aggregation=cfg.aggregation,
+        effects, edges, model=model, aggregation=cfg.aggregation,
         node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold, top_k=cfg.top_k,
         dictionaries=dictionary_ids, task=task.name, prompt_tokens=tokens,
-        extra={"steps": cfg.steps, "seed": cfg.seed, "n_test": cfg.n_test, "start_layer": cfg.start_layer,
+        extra={"steps": cfg.steps, "seed": cfg.seed, "n_test": cfg.n_test, "start_layer": cfg.ablation.start_layer,
                "example_prompt": train[0].clean_prefix},
     )
     t0 = time.perf_counter()
@@ -152,7 +156,7 @@ def discover(
     metrics = {
         "task": task.name, "model": model.name, "method": cfg.method, "aggregation": cfg.aggregation,
         "node_threshold": cfg.node_threshold, "edge_threshold": cfg.edge_threshold, "top_k": cfg.top_k,
-        "n_examples": len(train), "n_test": len(test), "start_layer": cfg.start_layer,
+        "n_examples": len(train), "n_test": len(test), "start_layer": cfg.ablation.start_layer,
         "faithfulness": scores["faithfulness"], "completeness": scores["completeness"],
         "n_nodes": n_circuit_nodes, "n_edges": len(circuit.edges),
         "n_error_nodes": sum(1 for n in circuit.nodes if n.is_error),
@@ -176,6 +180,7 @@ def save_effects(path: Path, feats: Mapping[str, Tensor], errs: Mapping[str, Ten
 
 
 def load_effects(path: Path) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The aggregated node effects that :func:`save_effects` wrote: ``(features, errors)`` by site."""
     with np.load(path, allow_pickle=False) as npz:
         feats = {k[2:]: torch.from_numpy(npz[k]) for k in npz.files if k.startswith("f:")}
         errs = {k[2:]: torch.from_numpy(npz[k]) for k in npz.files if k.startswith("e:")}
@@ -194,13 +199,12 @@ def sweep_curve(
         thresholds = [float(t) for t in np.logspace(np.log10(top) - 4, np.log10(top), 15)]
     return sweep(
         model, clean, dictionaries, feats, errs, logit_diff(good, bad), thresholds,
-        ablation=cfg.ablation, reference=patch, handle_errors=cfg.handle_errors, start_layer=cfg.start_layer,
-        progress=progress,
+        config=cfg.ablation, reference=patch, progress=progress,
     )
 
 
 def write_outputs(out: Path, result: DiscoverResult) -> None:
-    """``circuit.json``, ``metrics.json``, ``effects.npz`` and ``circuit.html`` in ``out``."""
+    """Write ``circuit.json``, ``metrics.json`` and ``effects.npz`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     result.circuit.save(out / "circuit.json")
     atomic_write_bytes(out / "metrics.json", (json.dumps(result.metrics, indent=2) + "\n").encode())

@@ -96,7 +96,7 @@ def architecture_of(model: torch.nn.Module) -> Architecture:
         raise ValueError(
             f"Unknown architecture {model_type!r}: supported families are "
             f"{', '.join(sorted(ARCHITECTURES))}; register another with "
-            "attribution.sites.register_architecture(model_type, Architecture(...))."
+            "attribution.model.sites.register_architecture(model_type, Architecture(...))."
         )
     return ARCHITECTURES[model_type]
 

@@ -12,10 +12,10 @@ import importlib
 import sys
 
 COMMANDS = {
-    "dictionaries": "sfc.cmd_dictionaries",
-    "discover": "sfc.cmd_discover",
-    "evaluate": "sfc.cmd_evaluate",
-    "view": "sfc.cmd_view",
+    "dictionaries": "sfc.cli.dictionaries",
+    "discover": "sfc.cli.discover",
+    "evaluate": "sfc.cli.evaluate",
+    "view": "sfc.cli.view",
 }
 
 

@@ -31,13 +31,13 @@ Three things make the most of a small harvest (10^5 tokens on two CPU cores):
   ``(norm_cap x median / norm)^2`` in the loss, as much as a row of the capped
   norm would: the dictionary still learns to reconstruct it, without it
   steering everything else. (The first position, the main attention sink, is
-  not harvested at all; see :mod:`attribution.harvest`.)
+  not harvested at all; see :mod:`attribution.dictionaries.harvest`.)
 - **Warm start from a neighbouring site** (``init=``): nearby residual sites
   share many of their features, so starting from the SAE of the site below
   reaches a lower error than a random start in the same steps (layer-wise
   transfer, Ghilardi et al. 2024; resid_27 from resid_24, three layers apart:
   0.793 against 0.764 held-out variance explained).
-  :func:`~attribution.dictionary_store.build_dictionaries` chains the sites of
+  :func:`~attribution.dictionaries.store.build_dictionaries` chains the sites of
   each kind from the bottom up.
 - **A least-squares decoder** (``refit_decoder``): with the encoder fixed, the
   best decoder for its codes is a ridge regression, solved exactly after SGD
@@ -60,7 +60,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from attribution.dictionaries import SAE
+from attribution.dictionaries.kinds import SAE
 
 
 @dataclass

@@ -41,9 +41,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from attribution.cache import atomic_dir
-from attribution.models import SFCModel
-from attribution.sites import Site
-from attribution.tracing import site_envoy
+from attribution.model.sites import Site
+from attribution.model.tracing import site_envoy
+from attribution.model.wrapper import SFCModel
 
 MANIFEST = "harvest.json"
 

@@ -1,6 +1,7 @@
 """The offline text corpus that dictionaries are trained and evaluated on.
 
-``data/corpus.jsonl.gz`` holds about 13k English documents (about 550k words,
+``attribution/dictionaries/data/corpus.jsonl.gz`` (package data, found through
+:mod:`importlib.resources`, so it ships in the wheel) holds about 13k English documents (about 550k words,
 700k SmolLM2 tokens): paragraphs of *The Debian Administrator's Handbook* and
 the BSD ``fortune`` cookies, both from Debian main. ``scripts/build_corpus.py``
 rebuilds it reproducibly and documents sources, licences, de-duplication and
@@ -17,6 +18,7 @@ from __future__ import annotations
 import gzip
 import json
 from functools import lru_cache
+from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +26,8 @@ import torch
 from torch import Tensor
 
 Split = Literal["train", "heldout"]
-CORPUS_PATH = Path(__file__).resolve().parent.parent / "data" / "corpus.jsonl.gz"
+# Wheels install unpacked, so the package resource is a real file.
+CORPUS_PATH = Path(str(files("attribution.dictionaries").joinpath("data", "corpus.jsonl.gz")))
 
 
 @lru_cache(maxsize=2)

@@ -1,4 +1,4 @@
-"""``sfc discover``: the main job (see :mod:`circuits.discover`)."""
+"""``sfc discover``: the main job (see :mod:`sfc.pipeline`)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
 
 
 def _validate(args) -> None:
-    from sfc.common import check_task_name
+    from sfc.cli.common import check_task_name
 
     check_task_name(args.task)
     for name in ("node_threshold", "edge_threshold"):
@@ -52,26 +52,29 @@ def _validate(args) -> None:
 
 def run(args) -> int:
     _validate(args)  # before any model work
-    from circuits.discover import DiscoverConfig, discover, write_outputs
-    from sfc.common import load_dictionary_set, load_task, open_model
+    from ablation.config import AblationConfig
+    from attribution.dictionaries.sets import load_dictionaries
+    from sfc.cli.common import load_task, open_model
+    from sfc.pipeline import DiscoverConfig, discover, write_outputs
     from viz import render_html
 
     t0 = time.perf_counter()
     model = open_model(args.model, args.device)
     task = load_task(args.task, model, args.examples, args.test, args.seed)
+    start_layer = args.start_layer if args.start_layer is not None else model.config.num_hidden_layers // 3
     cfg = DiscoverConfig(
         n_examples=args.examples, n_test=args.test, method=args.method, steps=args.steps,
         aggregation=args.aggregation, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
         top_k=args.top_k, edges=not args.no_edges, seed=args.seed,
-        start_layer=args.start_layer if args.start_layer is not None else model.config.num_hidden_layers // 3,
+        ablation=AblationConfig(start_layer=start_layer),
     )
     out = Path(args.out)
     runs = [("features", False, out)] + ([("neurons", True, out / "neurons")] if args.neurons else [])
     summary = {}
     for label, neurons, folder in runs:
-        dicts, ids = load_dictionary_set(model, args.model, args.dictionaries, args.sites, neurons)
+        dicts = load_dictionaries(model, args.dictionaries, sites=args.sites, neurons=neurons)
         print(f"[sfc] {label}: {len(dicts)} sites, task {task.name}, {len(task.train)} pairs", file=sys.stderr)
-        result = discover(model, dicts, task, cfg, dictionary_ids=ids)
+        result = discover(model, dicts, task, cfg)
         result.circuit.metadata.extra.update({"neurons": neurons, "task_source": args.task})
         result.metrics["wall_time_s"] = round(time.perf_counter() - t0, 1)
         write_outputs(folder, result)

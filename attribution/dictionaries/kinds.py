@@ -14,7 +14,7 @@ project them onto decoder rows only where features change.
 One :class:`SAE` class covers the three activation rules in use (ReLU, TopK,
 JumpReLU); :class:`Identity` makes neurons the nodes (the paper's baseline).
 File loaders for dictionary_learning, SAELens and Gemma Scope layouts live in
-:mod:`attribution.dictionary_io`.
+:mod:`attribution.dictionaries.formats`.
 """
 
 from __future__ import annotations

@@ -14,42 +14,18 @@ Writes are atomic: a temporary file in the same folder, then a rename.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from attribution.dictionaries import SAE, Dictionary, Identity
+from attribution.cache import atomic_save_torch, atomic_write_bytes
+from attribution.dictionaries.kinds import SAE, Dictionary, Identity
 
 
 class DictionaryFileError(ValueError):
     """A dictionary folder is missing, corrupt or of an unknown layout."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_torch(obj: Any, path: Path) -> None:
-    import io
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def save_dictionary(dictionary: SAE, folder: str | Path, metadata: dict | None = None) -> Path:
