@@ -51,7 +51,8 @@ class NodeEffects:
       ``[b, s, d]``: patch state minus clean state;
     - ``clean_features[site]``: ``[b, s, F]``, clean feature activations;
     - ``mask``: ``[b, s]``, 1 for real tokens, 0 for padding (effects are 0 there);
-    - ``metric_clean`` ``[b]`` and ``metric_patch`` ``[b]`` (``None`` for ablations).
+    - ``metric_clean`` ``[b]`` and ``metric_patch`` ``[b]`` (``None`` for ablations);
+    - ``input_ids``: ``[b, s]``, the clean token ids (left-padded).
     """
 
     sites: list[Site]
@@ -66,6 +67,7 @@ class NodeEffects:
     metric_clean: Tensor
     metric_patch: Tensor | None = None
     info: dict = field(default_factory=dict)
+    input_ids: Tensor | None = None
 
     @property
     def total_effect(self) -> Tensor | None:
@@ -379,4 +381,5 @@ def node_effects(
         mask=clean_b.attention_mask, metric_clean=st.metric_clean, metric_patch=st.metric_patch,
         info={"steps": steps, "ig_points": ig_points, "ablation": None if patch is not None else ablation,
               "metric_positions": metric_positions},
+        input_ids=clean_b.input_ids,
     )

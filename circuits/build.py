@@ -56,11 +56,14 @@ def build_circuit(
     """Threshold aggregated effects into a circuit (see the module docstring).
 
     ``model`` is the model the effects came from (its name and layer count go
-    into the metadata), or just its name, with ``n_layers`` given.
+    into the metadata, and, for a per-position circuit, the first prompt's tokens
+    unless ``prompt_tokens`` is given), or just its name, with ``n_layers`` given.
     """
     _check_thresholds(node_threshold, edge_threshold, top_k)
     if isinstance(model, SFCModel):
         n_layers = model.config.num_hidden_layers if n_layers is None else n_layers
+        if prompt_tokens is None and aggregation == "none" and effects.input_ids is not None:
+            prompt_tokens = model.token_strings(effects.input_ids[0])
         model = model.name
     elif n_layers is None:
         raise ValueError("build_circuit needs n_layers when model is a name: pass the loaded model instead.")
