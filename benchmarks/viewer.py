@@ -25,8 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.synthetic_graph import synthetic_circuit
-from viz import render_html
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the synthetic graph is a test fixture
+
+from tests.synthetic_graph import synthetic_circuit  # noqa: E402
+from viz import render_html  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

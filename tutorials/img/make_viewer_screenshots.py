@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from playwright.sync_api import Page, sync_playwright
 
-from tests.synthetic_graph import synthetic_circuit
-from viz import render_html
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the synthetic graph is a test fixture
+
+from tests.synthetic_graph import synthetic_circuit  # noqa: E402
+from viz import render_html  # noqa: E402
 
 HERE = Path(__file__).parent
 CHROMIUM = "/usr/bin/chromium"
