@@ -258,8 +258,11 @@ def _requirements(dist: md.Distribution | None, root: Path) -> list[str]:
     return [r for r in reqs if "extra ==" not in r.replace("'", '"') and "extra==" not in r]
 
 
-def check_dependencies(report: Report, reqs: list[str]) -> None:
-    """Versions of the shown packages and of every requirement; problems for missing or out-of-range ones."""
+def check_dependencies(report: Report, reqs: list[str], *, try_import: bool = True) -> None:
+    """Versions of the shown packages and of every requirement; problems for missing or out-of-range ones.
+
+    With ``try_import``, torch, nnsight and transformers must also import.
+    """
     try:
         from packaging.requirements import Requirement
     except ImportError:  # packaging comes with transformers; without it only presence is checked
@@ -291,7 +294,7 @@ def check_dependencies(report: Report, reqs: list[str]) -> None:
                 have, prereleases=True):
             report.problems.append(f"{name} {have} is installed but the toolkit needs {name}{spec}: "
                                    f"run `pip install '{name}{spec}'`.")
-    for name in VERSIONS_SHOWN:  # installed is not enough: they must import
+    for name in VERSIONS_SHOWN if try_import else ():  # installed is not enough: they must import
         if report.packages.get(name) is None:
             continue
         try:
@@ -451,7 +454,8 @@ def diagnose() -> Report:
             report.problems.append(row["problem"])
         if row["warning"]:
             report.warnings.append(row["warning"])
-    check_dependencies(report, _requirements(dist, root))
+    # With a toolkit package shadowed nothing else can run: versions (from metadata) suffice.
+    check_dependencies(report, _requirements(dist, root), try_import=not report.problems)
     check_data(report, root)
     if report.problems:  # the toolkit's own modules may not import; say why it cannot run
         return report
