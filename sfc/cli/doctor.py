@@ -373,7 +373,7 @@ def check_cache(report: Report) -> None:
     if not info["writable"]:
         report.problems.append(f"The cache {root} cannot be written: set SFC_CACHE to a writable folder.")
     if not root.is_dir():
-        report.warnings.append(f"No dictionaries are built yet (the cache {root} is empty): run "
+        report.warnings.append(f"No dictionaries are built yet (there is no cache at {root} yet): run "
                                f"`sfc dictionaries build --model {MODEL_NAME}` before `sfc discover`.")
         return
     for part in sorted(p for p in root.iterdir() if p.is_dir()):
