@@ -248,6 +248,14 @@ def test_doctor_reports_a_shadowing_distribution(installed, tmp_path):
                          text=True)
     assert res.stdout.strip() == "None"
 
+    # Any command that then fails says why in one sentence, before loading a model.
+    res, _ = _sfc(installed, "discover", "--task", "simple", "--out", str(tmp_path / "run"),
+                  pythonpath=[fake, site])
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert res.stderr.startswith(f"sfc: error: `import circuits` loads {(fake / 'circuits').resolve()}, "
+                                 "not this toolkit's"), res.stderr[-2000:]
+    assert "run `sfc doctor`" in res.stderr
+
 
 def test_doctor_reports_files_overwritten_in_the_same_folder(installed, tmp_path):
     """pip installed fake-circuits after the toolkit into one folder: its __init__.py replaced ours."""

@@ -17,7 +17,10 @@ that only need doing (no dictionaries yet, a foreign distribution that is
 installed but not first on the path) are warnings; the exit status is then 0.
 
 The shadowing check comes first and imports nothing of the toolkit, so it
-works when another ``circuits`` is the one Python finds.
+works when another ``circuits`` is the one Python finds. Building the ``sfc``
+parser also installs :func:`install_import_guard`: any ``sfc`` command that dies
+of an uncaught error while a toolkit package is shadowed prints one sentence
+saying so.
 """
 
 from __future__ import annotations
@@ -219,6 +222,29 @@ def shadowing_message() -> str | None:
             return (f"`import {name}` loads {location}, not this toolkit's {root / name} (another package "
                     f"with the same name?): run `sfc doctor` to see which and what to do.")
     return None
+
+
+def install_import_guard() -> None:
+    """Make an uncaught error print one sentence when a toolkit package is shadowed.
+
+    Installed as :data:`sys.excepthook` when the ``sfc`` command line builds its
+    parser (see :func:`add_parser`), so a command that fails because ``import
+    circuits`` found another package says so instead of showing a traceback from
+    inside that package. Any other uncaught error goes to the previous hook unchanged.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "_sfc_import_guard", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        message = shadowing_message() if issubclass(exc_type, Exception) else None
+        if message is None:
+            previous(exc_type, exc, tb)
+            return
+        print(f"sfc: error: {message.rstrip('.')} ({exc_type.__name__}: {exc}).", file=sys.stderr)
+
+    hook._sfc_import_guard = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 # ---------------------------------------------------------------- environment
@@ -471,6 +497,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("doctor", help="report versions, devices, cache and model; say what is missing")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
+    install_import_guard()
 
 
 def _gib(n: int | None) -> str:
