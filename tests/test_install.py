@@ -269,6 +269,16 @@ def test_doctor_reports_files_overwritten_in_the_same_folder(installed, tmp_path
     assert row["ours"]  # same folder, so the location alone cannot tell
     assert "replaced the toolkit's" in row["problem"] and "fake-circuits" in row["problem"]
 
+    # Installed the other way round, the toolkit's files replaced the other's: it works, with a warning.
+    ours = (installed["site"] / "circuits" / "__init__.py").read_bytes()
+    (site / "circuits" / "__init__.py").write_bytes(ours)
+    res, _ = _sfc(installed, "doctor", "--json", pythonpath=[site])
+    report = json.loads(res.stdout)
+    row = next(r for r in report["shadowing"] if r["package"] == "circuits")
+    assert row["ours"] and not row["problem"]
+    assert "fake-circuits 1.0 was installed into the same folder" in row["warning"]
+    assert not any("circuits" in p for p in report["problems"])
+
 
 def test_missing_model_says_what_to_run(monkeypatch, tmp_path):
     from attribution.model import embedded
