@@ -140,14 +140,16 @@ def _overlaid_files(dist: md.Distribution, name: str) -> list[str]:
     return out
 
 
-def check_shadowing(root: Path | None = None) -> list[dict]:
+def check_shadowing(root: Path | None = None, own_files: set[str] | None = None) -> list[dict]:
     """One row per toolkit package: where ``import <package>`` resolves, and foreign providers.
 
     A row is ``{"package", "location", "ours", "providers": [{"distribution", "version",
     "location", "active"}], "problem", "warning"}``; ``problem`` (a sentence) when the
     import does not load the toolkit's copy, or a foreign distribution's files overwrote
     the toolkit's in the same folder; ``warning`` when a foreign distribution provides
-    the name but the toolkit's copy is found first.
+    the name but the toolkit's copy is found first. ``own_files`` are the paths the
+    toolkit's own RECORD lists (for an installed wheel); another distribution's file
+    on disk at one of them means it replaced the toolkit's (without them: ``__init__.py``).
     """
     root = root or toolkit_root()
     importlib.invalidate_caches()
@@ -188,22 +190,27 @@ def check_shadowing(root: Path | None = None) -> list[dict]:
                                   f"not this toolkit's {ours_at}: rename or move it, or run sfc from another "
                                   "folder.")
         else:
+            problems, warnings = [], []
             for p in providers:
                 same_folder = Path(p["location"]) == ours_at
                 overlaid = _overlaid_files(p["_dist"], name) if same_folder else []
-                if same_folder and any(Path(f).name == "__init__.py" and Path(f).parent.name == name
-                                       for f in overlaid):
-                    row["problem"] = (f"{p['distribution']} {p['version']} was installed into the same folder "
-                                      f"{ours_at} and its files replaced the toolkit's: run `pip uninstall "
-                                      f"{p['distribution']} {DISTRIBUTION}` and reinstall the toolkit, {VENV_HINT}.")
+                mine = own_files if own_files is not None else {f"{name}/__init__.py"}
+                replaced = [f for f in overlaid if f in mine]
+                if replaced:
+                    problems.append(
+                        f"{p['distribution']} {p['version']} was installed into the same folder {ours_at} and its "
+                        f"files replaced the toolkit's ({', '.join(replaced[:3])}): run `pip uninstall "
+                        f"{p['distribution']} {DISTRIBUTION}` and reinstall the toolkit, {VENV_HINT}.")
                 elif same_folder:
-                    row["warning"] = (f"{p['distribution']} {p['version']} was installed into the same folder "
-                                      f"{ours_at}; uninstalling either breaks the other: {VENV_HINT}.")
+                    warnings.append(f"{p['distribution']} {p['version']} was installed into the same folder "
+                                    f"{ours_at}; uninstalling either breaks the other: {VENV_HINT}.")
                 else:
-                    row["warning"] = (f"{p['distribution']} {p['version']} also provides a top-level `{name}` "
-                                      f"(at {p['location']}); this toolkit's copy is found first now, but not if "
-                                      f"that folder comes first on sys.path: run `pip uninstall "
-                                      f"{p['distribution']}`, {VENV_HINT}.")
+                    warnings.append(f"{p['distribution']} {p['version']} also provides a top-level `{name}` "
+                                    f"(at {p['location']}); this toolkit's copy is found first now, but not if "
+                                    f"that folder comes first on sys.path: run `pip uninstall "
+                                    f"{p['distribution']}`, {VENV_HINT}.")
+            row["problem"] = " ".join(problems) or None
+            row["warning"] = " ".join(warnings) or None
         for p in providers:
             p.pop("_dist")
         rows.append(row)
@@ -474,7 +481,8 @@ def diagnose() -> Report:
     dist, how = _own_distribution(root)
     version = dist.version if dist is not None else _pyproject(root).get("version")
     report.toolkit = {"version": version, "location": str(root), "install": how}
-    report.shadowing = check_shadowing(root)
+    own_files = {str(f) for f in dist.files or []} if dist is not None and how == "installed" else None
+    report.shadowing = check_shadowing(root, own_files)
     for row in report.shadowing:
         if row["problem"]:
             report.problems.append(row["problem"])
