@@ -230,7 +230,7 @@
       ctx.strokeText(text, x0, py[i]);
       ctx.fillStyle = auto ? "#555555" : "#111111";
       ctx.fillText(text, x0, py[i]);
-      drawn.push({ id: N.id[i], text: text, auto: auto });
+      drawn.push({ id: N.id[i], text: text, auto: auto, box: box });
     });
     return drawn;
   }
