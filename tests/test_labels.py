@@ -19,6 +19,7 @@ from sfc.cli import main as sfc_main
 from tests.synthetic_graph import synthetic_circuit
 from tests.test_viewer import _word_model
 from viz.dashboards import (
+    DEFAULT_CORPUS_TOKENS,
     HIST_BINS,
     circuit_feature_keys,
     compute_dashboards,
@@ -259,7 +260,7 @@ def test_sfc_dashboards_and_view_auto_make_the_same_dashboards_for_every_feature
     assert sfc_main(["dashboards", str(tmp_path / "c.json"), "--out", str(out), "--corpus", str(corpus)]) == 0
     dash = json.loads(out.read_text())
     assert set(dash) == {"resid_0/3", "resid_0/10"}  # every feature key, no error node
-    texts = corpus_texts(model.tokenizer, 32_768, read_corpus_file(corpus))
+    texts = corpus_texts(model.tokenizer, DEFAULT_CORPUS_TOKENS, read_corpus_file(corpus))
     expect = compute_dashboards(model, {"resid_0": sae}, sorted(dash), texts, progress=False)
     assert dash == json.loads(json.dumps(expect))
     assert all(len(d["contexts"]) >= 5 for d in dash.values())

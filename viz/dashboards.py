@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 CONTEXT_BEFORE = 12  # tokens shown before the strongest position
 CONTEXT_AFTER = 4  # and after it
 HIST_BINS = 20  # bins of the activation histogram
-DEFAULT_CORPUS_TOKENS = 32_768  # corpus tokens read for a circuit's dashboards (sfc discover)
+DEFAULT_CORPUS_TOKENS = 16_384  # corpus tokens read for a circuit's dashboards (sfc discover)
 CHUNK_TOKENS = 64  # longest text (in tokens) a corpus document is cut into
 
 
