@@ -47,7 +47,7 @@ from viz.figure import (
     layout_circuit,
     load_circuit,
 )
-from viz.labels import AUTO_LABELS_FIELD, auto_labels, human_labels
+from viz.labels import AUTO_LABELS_FIELD, auto_labels, labels_of_document
 
 STATIC = Path(__file__).parent / "static"
 
@@ -91,7 +91,7 @@ def viewer_payload(circuit: Any, dashboards: Mapping | None = None, labels: Mapp
     keys = [feature_key(n) for n in nodes]
     key_set = {k for k in keys if k}
     meta = data["metadata"]
-    human = human_labels(data) | _check_labels(labels)
+    human = labels_of_document(data) | _check_labels(labels)
     stored_auto = (meta.get("extra") or {}).get(AUTO_LABELS_FIELD) or {}
     autos = {k: v for k, v in stored_auto.items() if isinstance(v, str)} | auto_labels(dash)
     return {

@@ -89,9 +89,15 @@ def auto_labels(dashboards: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
 def human_labels(circuit: Any) -> dict[str, str]:
     """The human labels of a circuit (dict or ``Circuit``), by feature key: node ``label`` fields,
     overridden by ``metadata.extra["labels"]``. Empty labels are left out."""
-    from viz.figure import feature_key, load_circuit
+    from viz.figure import load_circuit
 
-    data = load_circuit(circuit)
+    return labels_of_document(load_circuit(circuit))
+
+
+def labels_of_document(data: Mapping[str, Any]) -> dict[str, str]:
+    """:func:`human_labels` of a circuit document that has already been validated."""
+    from viz.figure import feature_key
+
     out = {k: n["label"] for n in data["nodes"] if (k := feature_key(n)) and n.get("label")}
     extra = (data["metadata"].get("extra") or {}).get(LABELS_FIELD) or {}
     out.update({k: v for k, v in extra.items() if isinstance(v, str) and v.strip()})
