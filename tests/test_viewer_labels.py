@@ -30,6 +30,8 @@ def _circuit() -> dict:
     peak = max(range(len(ctx["acts"])), key=lambda j: ctx["acts"][j])
     ctx["tokens"][peak] = MARKUP
     ctx["acts"][peak] = 100.0
+    c["dashboards"][key] |= {"histogram": {"edges": [0.0, 1.0, 2.0, 3.0], "counts": [5, 0, 2]},
+                             "density": 0.07, "n_tokens": 100}
     return c
 
 
@@ -75,7 +77,10 @@ def test_clicking_a_feature_shows_highlighted_contexts_and_its_automatic_label(b
     assert row.locator(".sfc-auto-tag").text_content() == "auto"
     assert v.page.input_value("#sfc-label-input") == expect
     assert v.page.locator("img").count() == 0
-    assert "Activation histogram" not in panel.inner_text()  # synthetic dashboards have none
+    # The histogram: one bar per bin, heights relative to the fullest bin (5 -> 100 %, 2 -> 40 %).
+    bars = panel.locator(".sfc-hist-bar")
+    assert [bars.nth(j).evaluate("e => e.style.height") for j in range(bars.count())] == ["100%", "0%", "40%"]
+    assert "active on 7.00% of 100 corpus tokens" in panel.inner_text()
     # Labels beside the nodes: feature nodes only, truncated, and the toggle hides them.
     drawn = v.js("() => window.sfcViewer.drawnLabels()")
     ids = {n["id"]: n for n in c["nodes"]}
