@@ -273,6 +273,15 @@ class Circuit:
 
         return key
 
+    def feature_labels(self) -> dict[str, str]:
+        """Human labels by feature key ``"site/feature"``: node ``label`` fields, overridden by
+        ``metadata.extra["labels"]`` (where ``sfc view --labels`` keeps them). Empty ones are left out."""
+        out = {n.feature_key: n.label for n in self.nodes
+               if n.label and n.kind != "metric" and not n.is_error}
+        extra = self.metadata.extra.get("labels") or {}
+        out.update({k: v for k, v in extra.items() if isinstance(v, str) and v.strip()})
+        return out
+
     # ------------------------------------------------------------ graph ops
 
     def prune_to_metric(self) -> Circuit:
@@ -435,7 +444,11 @@ class Circuit:
         ``feature_type`` ``"embedding"``; ``"y"`` is the ``"logit"`` node on row
         ``n_rows + 1``. Node ids follow circuit-tracer: ``"{layer}_{feature}_{ctx}"``,
         with feature -1 for error nodes. ``influence`` is our effect, ``clerp``
-        our id (and label). Nodes summed over positions get ``ctx_idx`` 0.
+        our id and the feature's label: the human one (:meth:`feature_labels`),
+        else the automatic one (``metadata.extra["auto_labels"]``) marked
+        ``(auto)``. Nodes summed over positions get ``ctx_idx`` 0. The layout
+        has no place for dashboards (Neuronpedia serves its own), so they stay
+        in the ``sfc-circuit`` file.
         """
         md = self.metadata
         rows = [s for s in md.sites if s != "embed"]
@@ -484,7 +497,13 @@ class Circuit:
                 activation=n.activation,
             )
 
+        human = self.feature_labels()
+        auto = {k: v for k, v in (md.extra.get("auto_labels") or {}).items() if isinstance(v, str) and v}
         entries = {n.id: entry(n) for n in sorted(self.nodes, key=self._order_key())}
+        for n in self.nodes:  # labels by feature key: a human one, else the automatic one, marked
+            key = n.feature_key
+            if n.kind != "metric" and not n.is_error and (key in human or key in auto):
+                entries[n.id]["clerp"] = f"{n.id}: {human[key]}" if key in human else f"{n.id}: {auto[key]} (auto)"
         np_ids = [e["node_id"] for e in entries.values()]
         if len(set(np_ids)) != len(np_ids):
             dup = next(i for i, c in Counter(np_ids).items() if c > 1)

@@ -51,6 +51,9 @@ _EXPORTS: dict[str, str] = {
     # pages and figures
     "render_html": "viz.html",
     "compute_dashboards": "viz.dashboards",
+    "circuit_dashboards": "viz.dashboards",
+    "auto_label": "viz.labels",
+    "attach_dashboards": "viz.labels",
     "circuit_figure": "viz.figure",
     "curve_figure": "viz.curves",
     # the main job

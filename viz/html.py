@@ -13,8 +13,11 @@ What the page does (all in the browser, see ``viewer.js``):
   descendants stay lit and everything else dims; Esc clears;
 - node and edge threshold sliders re-filter the graph in place;
 - a search box finds nodes by id or label;
+- every feature shows its label beside its node (a toggle hides them); a label
+  is human (from the circuit, or typed in the page) or automatic (read off the
+  feature's dashboard, shown in italics with an "auto" tag);
 - labels can be edited, features flagged for SHIFT, and both downloaded as a
-  ``sfc-feature-flags`` JSON file.
+  ``sfc-feature-flags`` JSON file (human labels only).
 
 Safety: the circuit is embedded as JSON inside ``<script type="application/json">``
 with every ``<``, ``>`` and ``&`` written as a ``\\u`` escape, so no label or
@@ -44,6 +47,7 @@ from viz.figure import (
     layout_circuit,
     load_circuit,
 )
+from viz.labels import AUTO_LABELS_FIELD, auto_labels, labels_of_document
 
 STATIC = Path(__file__).parent / "static"
 
@@ -68,14 +72,28 @@ def _check_dashboards(dashboards: Any) -> dict:
     return dict(dashboards)
 
 
-def viewer_payload(circuit: Any, dashboards: Mapping | None = None) -> dict:
-    """The JSON the page's script reads: columnar node and edge arrays, layout, dashboards."""
+def _check_labels(labels: Any) -> dict[str, str]:
+    if labels is None:
+        return {}
+    if not isinstance(labels, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                                  for k, v in labels.items()):
+        raise ValueError("labels must map feature keys ('site/feature') to strings.")
+    return {k: v for k, v in labels.items() if v.strip()}
+
+
+def viewer_payload(circuit: Any, dashboards: Mapping | None = None, labels: Mapping[str, str] | None = None) -> dict:
+    """The JSON the page's script reads: columnar node and edge arrays, layout, dashboards,
+    human labels (in ``nodes.label``) and automatic labels (``autoLabels``, by feature key)."""
     data = load_circuit(circuit)
     dash = _check_dashboards(data.get("dashboards")) | _check_dashboards(dashboards)
     g = layout_circuit(data)
     nodes = g.nodes
     keys = [feature_key(n) for n in nodes]
+    key_set = {k for k in keys if k}
     meta = data["metadata"]
+    human = labels_of_document(data) | _check_labels(labels)
+    stored_auto = (meta.get("extra") or {}).get(AUTO_LABELS_FIELD) or {}
+    autos = {k: v for k, v in stored_auto.items() if isinstance(v, str)} | auto_labels(dash)
     return {
         "meta": {k: meta.get(k) for k in ("model", "task", "method", "aggregation", "node_threshold",
                                           "edge_threshold", "prompt_tokens", "total_effect", "n_layers",
@@ -90,7 +108,7 @@ def viewer_payload(circuit: Any, dashboards: Mapping | None = None) -> dict:
             "error": [bool(n.get("is_error")) for n in nodes],
             "effect": [float(n["effect"]) for n in nodes],
             "activation": [n.get("activation") for n in nodes],
-            "label": [n.get("label") for n in nodes],
+            "label": [human.get(k) if k else n.get("label") for k, n in zip(keys, nodes)],
             "key": keys,
             "x": np.round(g.x, 4).tolist(),
             "y": np.round(g.y, 4).tolist(),
@@ -110,7 +128,8 @@ def viewer_payload(circuit: Any, dashboards: Mapping | None = None) -> dict:
             "maxAbsEffect": g.max_abs_effect,
         },
         "layout": g.layout,
-        "dashboards": {k: v for k, v in dash.items() if k in set(keys)},
+        "dashboards": {k: v for k, v in dash.items() if k in key_set},
+        "autoLabels": {k: v for k, v in autos.items() if k in key_set and k not in human},
     }
 
 
@@ -138,12 +157,16 @@ def _page(payload: dict) -> str:
     ])
 
 
-def render_html(circuit: Any, path: str | os.PathLike, dashboards: Mapping | None = None) -> Path:
+def render_html(circuit: Any, path: str | os.PathLike, dashboards: Mapping | None = None, *,
+                labels: Mapping[str, str] | None = None) -> Path:
     """Write the interactive viewer for ``circuit`` (dict, ``Circuit`` or JSON path) to ``path``.
 
     ``dashboards`` (feature key -> dashboard, see :mod:`viz.dashboards`) are merged
-    over any the circuit carries. The circuit is validated first, so an invalid
-    one raises ``ValueError`` and writes nothing. The write is atomic.
+    over any the circuit carries; every feature with a dashboard and no human
+    label gets an automatic label (:func:`viz.labels.auto_label`), shown as such.
+    ``labels`` (feature key -> human label) are merged over the circuit's own
+    (:func:`viz.labels.human_labels`). The circuit is validated first, so an
+    invalid one raises ``ValueError`` and writes nothing. The write is atomic.
     """
-    text = _page(viewer_payload(circuit, dashboards))
+    text = _page(viewer_payload(circuit, dashboards, labels))
     return atomic_write_text(path, text)

@@ -12,6 +12,7 @@ import importlib
 import sys
 
 COMMANDS = {
+    "dashboards": "sfc.cli.dashboards",
     "dictionaries": "sfc.cli.dictionaries",
     "discover": "sfc.cli.discover",
     "doctor": "sfc.cli.doctor",

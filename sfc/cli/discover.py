@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print metrics.json to stdout")
+    from sfc.dashboards_job import add_dashboard_arguments
+
+    add_dashboard_arguments(p, switch=True)  # --no-dashboards, --corpus, --dashboard-tokens
     p.set_defaults(func=run)
 
 
@@ -76,6 +79,10 @@ def run(args) -> int:
         print(f"[sfc] {label}: {len(dicts)} sites, task {task.name}, {len(task.train)} pairs", file=sys.stderr)
         result = discover(model, dicts, task, cfg)
         result.circuit.metadata.extra.update({"neurons": neurons, "task_source": args.task})
+        if not args.no_dashboards:  # dashboards + automatic labels, carried by circuit.json and the page
+            from sfc.dashboards_job import dashboards_for
+
+            dashboards_for(result.circuit, model, dicts, args, result.metrics)
         result.metrics["wall_time_s"] = round(time.perf_counter() - t0, 1)
         write_outputs(folder, result)
         render_html(result.circuit, folder / "circuit.html")

@@ -35,15 +35,18 @@
   var isMetric = N.kind.map(function (k) { return k === "metric"; });
   var absEff = N.effect.map(Math.abs);
   var absW = E.w.map(Math.abs);
-  var labels = {};            // feature key -> current label
+  var labels = {};            // feature key -> human label (from the file, or typed in the page)
   N.key.forEach(function (k, i) { if (k && N.label[i] && !(k in labels)) labels[k] = N.label[i]; });
+  var autoLabels = D.autoLabels || {};  // feature key -> automatic label, read off its dashboard
   var flagged = {};           // feature key -> true
-  var state = { nodeT: 0, edgeT: 0, selected: -1 };
+  var state = { nodeT: 0, edgeT: 0, selected: -1, showLabels: true };
   var outE = [], inE = [];
   for (var i = 0; i < nN; i++) { outE.push([]); inE.push([]); }
   for (var e = 0; e < nE; e++) { outE[E.src[e]].push(e); inE[E.dst[e]].push(e); }
 
-  function labelOf(i) { return N.key[i] ? (labels[N.key[i]] || "") : (N.label[i] || ""); }
+  function labelOf(i) { return N.key[i] ? (labels[N.key[i]] || autoLabels[N.key[i]] || "") : (N.label[i] || ""); }
+  // True when node i shows an automatic label (no human one).
+  function isAuto(i) { var k = N.key[i]; return !!(k && !labels[k] && autoLabels[k]); }
   function tokenAt(p) {
     var t = D.meta.prompt_tokens;
     return (t && p !== null && p !== undefined && p < t.length) ? t[p] : null;
@@ -91,7 +94,7 @@
   layout.autosize = true;
   var config = { displaylogo: false, responsive: true, scrollZoom: true, doubleClick: "reset",
                  modeBarButtonsToRemove: ["select2d", "lasso2d", "autoScale2d"] };
-  var last = { nv: null, ev: null, mark: null, px: null, py: null, order: [] };
+  var last = { nv: null, ev: null, mark: null, px: null, py: null, order: [], drawn: [] };
   var stops = S.colorscale.map(function (s) {
     var h = s[1];
     return [s[0], parseInt(h.substr(1, 2), 16), parseInt(h.substr(3, 2), 16), parseInt(h.substr(5, 2), 16)];
@@ -185,8 +188,51 @@
       ctx.stroke();
     });
     ctx.globalAlpha = 1;
+    last.drawn = state.showLabels ? paintLabels(ctx, order, px, py, mark) : [];
     ctx.restore();
     last.order = order;
+  }
+
+  // Labels beside feature nodes: the largest |effect| first, each truncated to
+  // LABEL_CHARS, and one that would overlap a label already drawn is skipped
+  // (a coarse grid of the drawn boxes keeps this linear in the number of nodes).
+  // Error nodes and the metric keep their symbols only.
+  var LABEL_CHARS = 24, LABEL_FONT = "11px system-ui, sans-serif", LABEL_H = 13;
+  function shortLabel(i) {
+    var t = labelOf(i);
+    return t.length > LABEL_CHARS ? t.slice(0, LABEL_CHARS - 1) + "…" : t;
+  }
+  function paintLabels(ctx, order, px, py, mark) {
+    var todo = order.filter(function (i) { return N.key[i] && labelOf(i) && !(mark && !mark[i]); });
+    todo.sort(function (a, b) { return absEff[b] - absEff[a]; });
+    var grid = {}, CW = 120, drawn = [];
+    function cells(x0, y0, x1, y1, fn) {
+      for (var gx = Math.floor(x0 / CW); gx <= Math.floor(x1 / CW); gx++)
+        for (var gy = Math.floor(y0 / LABEL_H); gy <= Math.floor(y1 / LABEL_H); gy++)
+          if (fn(gx + ":" + gy)) return true;
+      return false;
+    }
+    ctx.textBaseline = "middle";
+    ctx.lineJoin = "round";
+    todo.forEach(function (i) {
+      var text = shortLabel(i), auto = isAuto(i);
+      ctx.font = (auto ? "italic " : "") + LABEL_FONT;
+      var x0 = px[i] + N.size[i] / 2 + 3, w = ctx.measureText(text).width;
+      var box = [x0, py[i] - LABEL_H / 2, x0 + w, py[i] + LABEL_H / 2];
+      var hit = cells(box[0], box[1], box[2], box[3], function (c) {
+        return (grid[c] || []).some(function (b) {
+          return b[0] < box[2] && box[0] < b[2] && b[1] < box[3] && box[1] < b[3];
+        });
+      });
+      if (hit) return;
+      cells(box[0], box[1], box[2], box[3], function (c) { (grid[c] = grid[c] || []).push(box); return false; });
+      ctx.lineWidth = 3; ctx.strokeStyle = "rgba(255,255,255,0.85)";
+      ctx.strokeText(text, x0, py[i]);
+      ctx.fillStyle = auto ? "#555555" : "#111111";
+      ctx.fillText(text, x0, py[i]);
+      drawn.push({ id: N.id[i], text: text, auto: auto, box: box });
+    });
+    return drawn;
   }
 
   // The node under a point of the page (client coordinates), or -1.
@@ -270,12 +316,21 @@
   searchBox.appendChild(search); searchBox.appendChild(results);
   controls.appendChild(searchBox);
 
+  var toggle = el("label", { class: "sfc-toggle" });
+  var toggleBox = el("input", { id: "sfc-labels-toggle", type: "checkbox" });
+  toggleBox.checked = state.showLabels;
+  toggleBox.addEventListener("change", function () { state.showLabels = toggleBox.checked; paint(); });
+  toggle.appendChild(toggleBox);
+  toggle.appendChild(el("span", null, " labels on graph"));
+  controls.appendChild(toggle);
+
   var download = el("button", { id: "sfc-download", type: "button" }, "download labels & flags");
   controls.appendChild(download);
   var status = el("span", { id: "sfc-status" });
   controls.appendChild(status);
   var legend = el("div", { id: "sfc-legend" },
-    "■ feature   ▲ SAE error   ◆ metric   colour: effect (blue +, red −)   size: |effect|   edges: blue +, red −");
+    "■ feature   ▲ SAE error   ◆ metric   colour: effect (blue +, red −)   size: |effect|   edges: blue +, red −" +
+    "   labels: human, or italic = automatic");
   header.appendChild(legend);
 
   function updateStatus() {
@@ -298,7 +353,7 @@
       var tok = tokenAt(N.position[i]);
       rows.push(["position", N.position[i] + (tok !== null ? "  " + JSON.stringify(tok) : "")]);
     }
-    rows.push(["label", labelOf(i) || "–"]);
+    rows.push(["label", labelOf(i) || "–", isAuto(i)]);
     rows.push(["effect", signed(N.effect[i])]);
     rows.push(["activation", fmt(N.activation[i])]);
     return rows;
@@ -307,7 +362,16 @@
     var table = el("table", { class: "sfc-facts" });
     nodeFacts(i).forEach(function (r) {
       var tr = el("tr", { "data-field": r[0] });
-      tr.appendChild(el("th", null, r[0])); tr.appendChild(el("td", null, r[1]));
+      tr.appendChild(el("th", null, r[0]));
+      if (r[2]) {  // an automatic label: italic, with a tag
+        var td = el("td", { class: "sfc-auto" });
+        td.appendChild(el("span", { class: "sfc-auto-label" }, r[1]));
+        td.appendChild(el("span", { class: "sfc-auto-tag", title: "automatic label, read off the dashboard: " +
+          "the tokens the feature fires on → the tokens it promotes. Edit it in the panel." }, "auto"));
+        tr.appendChild(td);
+      } else {
+        tr.appendChild(el("td", null, r[1]));
+      }
       table.appendChild(tr);
     });
     return table;
@@ -348,6 +412,28 @@
       s.appendChild(line);
     });
     if (!dash.contexts.length) s.appendChild(el("p", { class: "sfc-muted" }, "no contexts"));
+    return s;
+  }
+  // Activation histogram: bars of the non-zero activations over the corpus tokens read.
+  function histogramView(dash) {
+    var h = dash.histogram, s = section("Activation histogram");
+    var counts = h.counts || [], top = Math.max.apply(null, counts.concat([1]));
+    var chart = el("div", { class: "sfc-hist" });
+    counts.forEach(function (c, b) {
+      var bar = el("div", { class: "sfc-hist-bar",
+        title: fmt(h.edges[b], 3) + "–" + fmt(h.edges[b + 1], 3) + ": " + c + " tokens" });
+      bar.style.height = (100 * c / top).toFixed(1) + "%";
+      chart.appendChild(bar);
+    });
+    s.appendChild(chart);
+    var axis = el("div", { class: "sfc-hist-axis" });
+    axis.appendChild(el("span", null, "0"));
+    axis.appendChild(el("span", null, fmt(h.edges[h.edges.length - 1], 3)));
+    s.appendChild(axis);
+    if (dash.density !== undefined) {
+      s.appendChild(el("p", { class: "sfc-muted" }, "active on " + (100 * dash.density).toPrecision(3) + "% of " +
+        (dash.n_tokens || "?") + " corpus tokens"));
+    }
     return s;
   }
   function tokenList(title, items, cls) {
@@ -396,7 +482,13 @@
       var edit = el("label", { class: "sfc-edit" });
       edit.appendChild(el("span", null, "label"));
       var input = el("input", { id: "sfc-label-input", type: "text", placeholder: "describe this feature" });
-      input.value = labels[key] || "";
+      // An automatic label starts in the box (italic) so that it can be kept, edited or replaced.
+      input.value = labels[key] || autoLabels[key] || "";
+      if (!labels[key] && autoLabels[key]) {
+        input.classList.add("sfc-auto-label");
+        input.setAttribute("title", "automatic label: type to replace it");
+      }
+      input.addEventListener("input", function () { input.classList.remove("sfc-auto-label"); });
       input.addEventListener("change", function () { setLabel(key, input.value); });
       input.addEventListener("keydown", function (ev) { if (ev.key === "Enter") input.blur(); ev.stopPropagation(); });
       edit.appendChild(input);
@@ -413,8 +505,10 @@
         panel.appendChild(contextsView(dash));
         panel.appendChild(tokenList("Promoted tokens", dash.promoted, "pos"));
         panel.appendChild(tokenList("Suppressed tokens", dash.suppressed, "neg"));
+        if (dash.histogram) panel.appendChild(histogramView(dash));
       } else {
-        panel.appendChild(el("p", { class: "sfc-muted" }, "No dashboard for this feature (render with dashboards=...)."));
+        panel.appendChild(el("p", { class: "sfc-muted" },
+          "No dashboard for this feature: make the page with `sfc view CIRCUIT --dashboards auto`."));
       }
     } else if (N.error[i]) {
       panel.appendChild(el("p", { class: "sfc-muted" },
@@ -442,8 +536,9 @@
     return render();
   }
   function setLabel(key, text) {
-    labels[key] = text.trim();
+    labels[key] = text.trim();  // an empty label falls back to the automatic one
     if (state.selected >= 0) fillPanel(state.selected);
+    schedule();
   }
   function setFlag(key, on) {
     if (on) flagged[key] = true; else delete flagged[key];
@@ -507,6 +602,8 @@
     state: state, renders: 0, lastRenderMs: null,
     select: select, selectId: function (id) { return select(N.id.indexOf(id)); }, clearSelection: clearSelection, render: render, flagsDocument: flagsDocument,
     visibleNodeIds: function () { return N.id.filter(function (_, i) { return last.nv[i]; }); },
+    drawnLabels: function () { return last.drawn.slice(); },
+    labelOf: function (id) { var i = N.id.indexOf(id); return i < 0 ? null : { text: labelOf(i), auto: isAuto(i) }; },
     litNodeIds: function () {
       return N.id.filter(function (_, i) { return last.nv[i] && (!last.mark || last.mark[i]); });
     }
