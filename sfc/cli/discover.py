@@ -45,15 +45,16 @@ def _validate(args) -> None:
         raise ValueError("--examples and --test must be at least 1.")
     if args.steps < 1:
         raise ValueError("--steps must be at least 1.")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder: choose another path.")
+    from sfc.cli.checks import check_discover_args
+
+    check_discover_args(args)  # device, model, --out writable, --start-layer sign
 
 
 def run(args) -> int:
     _validate(args)  # before any model work
     from ablation.config import AblationConfig
     from attribution.dictionaries.sets import load_dictionaries
+    from sfc.cli.checks import check_start_layer
     from sfc.cli.common import load_task, open_model
     from sfc.pipeline import DiscoverConfig, discover, write_outputs
     from viz import render_html
@@ -73,6 +74,7 @@ def run(args) -> int:
     summary = {}
     for label, neurons, folder in runs:
         dicts = load_dictionaries(model, args.dictionaries, sites=args.sites, neurons=neurons)
+        check_start_layer(model, dicts, start_layer, args.start_layer is not None)
         print(f"[sfc] {label}: {len(dicts)} sites, task {task.name}, {len(task.train)} pairs", file=sys.stderr)
         result = discover(model, dicts, task, cfg)
         result.circuit.metadata.extra.update({"neurons": neurons, "task_source": args.task})

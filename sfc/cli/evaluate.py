@@ -21,12 +21,12 @@ def run(args) -> int:
     from ablation.config import AblationConfig
     from attribution.dictionaries.sets import load_dictionaries
     from circuits.graph import Circuit
+    from sfc.cli.checks import check_device_flag, check_readable
     from sfc.cli.common import check_task_name, load_task, open_model
     from sfc.pipeline import DiscoverConfig, evaluate, load_effects, sweep_curve
 
-    path = Path(args.circuit)
-    if not path.exists():
-        raise FileNotFoundError(f"No circuit at {path}: run `sfc discover ... --out DIR` first.")
+    path = check_readable(args.circuit, "circuit file", "run `sfc discover ... --out DIR` first")
+    check_device_flag(args.device)
     circuit = Circuit.load(path)  # validates the schema before any model work
     md = circuit.metadata
     effects_path = path.parent / "effects.npz"

@@ -27,11 +27,10 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sfc.cli.checks import check_readable, check_writable
     from viz.html import render_html
 
-    circuit = Path(args.circuit)
-    if not circuit.exists():
-        raise FileNotFoundError(f"No circuit file at {circuit}: check the path.")
+    circuit = check_readable(args.circuit, "circuit file")
     dashboards = None
     if args.dashboards:
         dash_path = Path(args.dashboards)
@@ -41,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
             dashboards = json.loads(dash_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{dash_path} is not valid JSON ({exc.msg} at line {exc.lineno}).") from None
-    out = Path(args.out) if args.out else circuit.with_suffix(".html")
+    out = check_writable(Path(args.out) if args.out else circuit.with_suffix(".html"), "--out", is_file=True)
     path = render_html(circuit, out, dashboards=dashboards)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     if args.open:

@@ -1,0 +1,304 @@
+"""Bad input gets one clear sentence before the heavy work, and nothing already written is lost
+(issue 15). Each test reproduces one case of the issue through the ``sfc`` command line (in
+process) or the library call it makes, and checks the message, the exit code, and that the
+files already there are byte-for-byte unchanged. The table in docs/bad-input.md lists them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.bad_inputs import (
+    run_cli,
+    save_tiny_model,
+    tiny_circuit_file,
+    tree,
+    unreadable,
+    unwritable,
+)
+
+BUILD = ["--tokens", "1024", "--width", "64", "--k", "4", "--epochs", "1"]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "cache"
+    monkeypatch.setenv("SFC_CACHE", str(root))
+    return root
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Any model load fails the test: the input should have been refused before it."""
+    import attribution.model.loading as loading
+    import sfc.cli.common as common
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(loading, "load_model", boom)
+    monkeypatch.setattr(loading, "load_smollm2", boom)
+    monkeypatch.setattr(common, "open_model", boom)
+
+
+def _one_error_line(err: str, cmd: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err
+    assert lines and lines[-1].startswith(f"sfc {cmd}: error: "), err
+    return lines[-1]
+
+
+# ---------------------------------------------------------------- 1: cache keyed by identity
+
+
+def test_model_given_by_absolute_path_builds_into_the_cache_not_its_folder(tmp_path, cache, capsys):
+    model_dir = save_tiny_model(tmp_path / "models" / "tiny")
+    before = tree(model_dir)
+    rc, _, err = run_cli(["dictionaries", "build", "--model", model_dir.resolve(), *BUILD], capsys)
+    assert rc == 0, err
+    assert tree(model_dir) == before  # nothing written into (or removed from) the model's folder
+    entries = list((cache / "dictionaries").iterdir())
+    assert len(entries) == 1 and entries[0].name.startswith("tiny-")
+    assert sorted(p.name for p in entries[0].iterdir()) == ["resid_0", "resid_1"]
+    meta = json.loads((entries[0] / "resid_0" / "config.json").read_text())["sfc"]
+    assert meta["model"] == str(model_dir.resolve())
+
+
+def test_same_relative_name_in_two_folders_gets_two_dictionary_sets(tmp_path, cache, capsys, monkeypatch):
+    from attribution.dictionaries.formats import DictionaryFileError, load_dictionary
+    from attribution.dictionaries.sets import load_dictionaries
+    from attribution.model.loading import load_model
+
+    for i, where in enumerate(("a", "b")):
+        save_tiny_model(tmp_path / where / "model", seed=i)  # same shape, different weights
+    logs = []
+    for where in ("a", "b"):
+        monkeypatch.chdir(tmp_path / where)
+        rc, _, err = run_cli(["dictionaries", "build", "--model", "model", *BUILD], capsys)
+        assert rc == 0, err
+        logs.append(err)
+    assert "already built" not in logs[1]
+    entries = sorted((cache / "dictionaries").iterdir())
+    assert len(entries) == 2
+    sae = {e: load_dictionary(e / "resid_0") for e in entries}
+    assert not torch.equal(sae[entries[0]].W_dec, sae[entries[1]].W_dec)
+    # Each model loads its own set from the cache, and refuses the other's when given the folder.
+    model_a, model_b = load_model(str(tmp_path / "a" / "model")), load_model(str(tmp_path / "b" / "model"))
+    own = {m.cache_key: m for m in (model_a, model_b)}
+    assert set(own) == {e.name for e in entries}
+    for entry in entries:
+        mine = own[entry.name]
+        other = model_b if mine is model_a else model_a
+        loaded = load_dictionaries(mine, sites=["resid_0"])
+        assert torch.equal(loaded["resid_0"].W_dec, sae[entry].W_dec)
+        with pytest.raises(DictionaryFileError, match="built for another model"):
+            load_dictionaries(other, entry, sites=["resid_0"])
+
+
+def test_a_copy_of_the_same_model_elsewhere_reuses_its_dictionaries(tmp_path, cache, capsys):
+    import shutil
+
+    first = save_tiny_model(tmp_path / "one" / "model", seed=3)
+    second = tmp_path / "two" / "model"
+    shutil.copytree(first, second)  # the same weights under another path
+    assert run_cli(["dictionaries", "build", "--model", first, *BUILD], capsys)[0] == 0
+    rc, _, err = run_cli(["dictionaries", "build", "--model", second, *BUILD], capsys)
+    assert rc == 0
+    assert "resid_0: already built" in err and "resid_1: already built" in err
+
+
+def test_the_embedded_model_keeps_its_cache_folder():
+    """The dictionaries already built for smollm2-135m stay where they are."""
+    import transformers as tf
+
+    from attribution.cache import cache_dir, dictionary_cache
+    from attribution.model.wrapper import SFCModel
+
+    cfg = tf.LlamaConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16)
+    model = SFCModel(tf.LlamaForCausalLM(cfg), name="smollm2-135m")
+    assert model.cache_key == "smollm2-135m"
+    assert dictionary_cache(model.cache_key) == cache_dir() / "dictionaries" / "smollm2-135m"
+
+
+def test_a_path_never_escapes_the_cache(cache):
+    from attribution.cache import activation_cache, dictionary_cache
+
+    for name in ("/abs/path/model", "../../etc", "org/name"):
+        for where in (dictionary_cache(name), activation_cache(name)):
+            assert where.parent.parent == cache and where.name not in ("", ".", "..")
+
+
+# ---------------------------------------------------------------- 2, 3: permissions
+
+
+def test_discover_into_an_unwritable_folder_fails_before_the_model(tmp_path, no_model, capsys):
+    keep = tmp_path / "locked"
+    keep.mkdir()
+    (keep / "old.txt").write_text("old results")
+    with unwritable(keep):
+        rc, _, err = run_cli(["discover", "--task", "simple", "--out", keep / "run"], capsys)
+    assert rc == 2
+    assert "--out" in _one_error_line(err, "discover") and "cannot be written" in err
+    assert tree(keep) == {"old.txt": b"old results"}
+
+
+def test_view_into_an_unwritable_folder_fails_with_one_sentence(tmp_path, capsys):
+
+    circuit = tiny_circuit_file(tmp_path / "c.json")
+    locked = tmp_path / "locked"
+    with unwritable(locked):
+        rc, _, err = run_cli(["view", circuit, "--out", locked / "c.html"], capsys)
+    assert rc == 2 and "cannot be written" in _one_error_line(err, "view")
+    assert not (locked / "c.html").exists()
+
+
+@pytest.mark.parametrize("cmd", ["view", "evaluate"])
+def test_an_unreadable_circuit_file_is_one_sentence(tmp_path, cmd, capsys, monkeypatch, no_model):
+
+    circuit = tiny_circuit_file(tmp_path / "c.json")
+    before = circuit.read_bytes()
+    with unreadable(circuit, monkeypatch):
+        rc, _, err = run_cli([cmd, circuit], capsys)
+        monkeypatch.undo()
+    assert rc == 2
+    assert "cannot be read (permission denied)" in _one_error_line(err, cmd)
+    assert circuit.read_bytes() == before
+
+
+def test_a_permission_error_anywhere_is_one_sentence(capsys, monkeypatch):
+    """Whatever command hits an OSError, the user sees one line, not a traceback."""
+    import sfc.cli.view as view
+
+    def denied(args):
+        raise PermissionError(13, "Permission denied", "/some/file")
+
+    monkeypatch.setattr(view, "run", denied)
+    monkeypatch.setattr("sys.argv", ["sfc"])
+    from sfc.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["view", "x.json"])
+    args.func = denied
+    monkeypatch.setattr("sfc.cli.build_parser", lambda: type("P", (), {"parse_args": lambda self, a: args})())
+    rc, _, err = run_cli(["view", "x.json"], capsys)
+    assert rc == 2 and "permission denied on /some/file" in _one_error_line(err, "view")
+
+
+# ---------------------------------------------------------------- 8, 9: device and model names
+
+
+@pytest.mark.parametrize("argv", [
+    ["discover", "--task", "simple", "--out", "{tmp}/o", "--device", "cuda:7"],
+    ["dictionaries", "build", "--device", "cuda:7"],
+    ["dictionaries", "report", "--device", "nonsense:0"],
+])
+def test_a_device_that_does_not_exist_lists_those_that_do(argv, tmp_path, no_model, capsys):
+    rc, _, err = run_cli([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
+    line = _one_error_line(err, argv[0])
+    assert rc == 2 and "--device" in line and "cpu" in line
+
+
+def test_evaluate_checks_the_device_before_the_model(tmp_path, no_model, capsys):
+
+    rc, _, err = run_cli(["evaluate", tiny_circuit_file(tmp_path / "c.json"), "--device", "cuda:7"], capsys)
+    assert rc == 2 and "does not exist on this machine" in _one_error_line(err, "evaluate")
+
+
+def test_load_model_refuses_a_missing_device_with_one_sentence():
+    from attribution.model.loading import available_devices, load_model
+
+    missing = f"cuda:{torch.cuda.device_count() + 3}"
+    with pytest.raises(ValueError, match="does not exist on this machine: use one of cpu") as err:
+        load_model("smollm2-135m", device=missing)
+    assert all(dev in str(err.value) for dev in available_devices())
+
+
+def test_an_unknown_model_name_says_what_a_model_can_be(capsys, monkeypatch, tmp_path):
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)  # no network wait in the test
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc, _, err = run_cli(["dictionaries", "build", "--model", "no-such-model"], capsys)
+    line = _one_error_line(err, "dictionaries")
+    assert rc == 2
+    assert "neither an embedded model (smollm2-135m), a local folder, nor reachable on the HF hub" in line
+
+
+@pytest.mark.parametrize("name, message", [
+    ("./no/such/folder", "no folder at that path"),
+    ("{tmp}/empty", "folder without a config.json"),
+])
+def test_a_path_that_holds_no_model_fails_before_loading(name, message, tmp_path, no_model, capsys):
+    (tmp_path / "empty").mkdir()
+    rc, _, err = run_cli(["dictionaries", "build", "--model", name.replace("{tmp}", str(tmp_path))], capsys)
+    assert rc == 2 and message in _one_error_line(err, "dictionaries")
+
+
+# ---------------------------------------------------------------- 6, 7, 14: build flags
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tokens", "0"], "--tokens 0 is out of range: it must be at least 1024"),
+    (["--tokens", "-5"], "--tokens -5 is out of range"),
+    (["--width", "100000000000"], "--width 100000000000 is out of range: it must be between 1 and 1048576"),
+    (["--width", "0"], "--width 0 is out of range"),
+    (["--k", "0"], "--k 0 is out of range"),
+    (["--width", "64", "--k", "65"], "--k 65 is out of range: it must be between 1 and 64"),
+    (["--width", "32"], "--width 32 is below the default k=64"),
+    (["--epochs", "-1"], "--epochs -1.0 is out of range: it must be between 0.1 and 1000"),
+    (["--epochs", "0"], "--epochs 0.0 is out of range"),
+    (["--epochs", "nan"], "--epochs nan is out of range"),
+    (["--epochs", "inf"], "--epochs inf is out of range"),
+])
+def test_build_flags_are_checked_before_the_model_loads(flags, message, cache, no_model, capsys):
+    rc, _, err = run_cli(["dictionaries", "build", *flags], capsys)
+    assert rc == 2 and message in _one_error_line(err, "dictionaries")
+    assert not cache.exists()  # nothing built, nothing cached
+
+
+def test_a_width_beyond_memory_is_refused_before_training(tmp_path, cache, capsys, monkeypatch):
+    import attribution.dictionaries.store as store
+
+    def no_harvest(*a, **k):
+        raise AssertionError("harvested before the width was checked")
+
+    monkeypatch.setattr(store, "harvest", no_harvest)
+    model_dir = save_tiny_model(tmp_path / "m")
+    # 8 copies x width x d=32 x 4 bytes: 2^20 latents need 1 GiB; make the machine report 0.5 GiB free.
+    import sfc.cli.checks as checks
+
+    real_open = open
+
+    def meminfo(path, *a, **k):
+        if str(path) == "/proc/meminfo":
+            import io
+
+            return io.StringIO("MemTotal: 1048576 kB\nMemAvailable: 524288 kB\n")
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(checks, "open", meminfo, raising=False)
+    rc, _, err = run_cli(["dictionaries", "build", "--model", model_dir, "--width", str(1 << 20), "--k", "4"],
+                         capsys)
+    line = _one_error_line(err, "dictionaries")
+    assert rc == 2 and "needs about 1.0 GiB to train at d=32, but 0.5 GiB is available" in line
+
+
+@pytest.mark.parametrize("fill, what", [(0.0, "all zero"), (float("nan"), "not finite")])
+def test_training_on_constant_zero_or_nan_activations_says_so(fill, what):
+    from attribution.dictionaries.training import TrainConfig, train_topk
+
+    acts = torch.full((1024, 16), fill)
+    with pytest.raises(ValueError, match=f"train resid_4\\) are {what}"):
+        train_topk(acts, TrainConfig(width=32, k=4, epochs=1, batch_size=128), desc="train resid_4")
+
+
+@pytest.mark.parametrize("epochs", [0.0, -1.0, float("nan")])
+def test_train_topk_refuses_non_positive_epochs(epochs):
+    from attribution.dictionaries.training import TrainConfig, train_topk
+
+    with pytest.raises(ValueError, match="must be a positive number"):
+        train_topk(torch.randn(1024, 16), TrainConfig(width=32, k=4, epochs=epochs, batch_size=128))
