@@ -133,7 +133,7 @@ def discover(
     )
     timings["nodes_s"] = time.perf_counter() - t0
     edges = None
-    if cfg.edges:
+    if cfg.edges and cfg.method != "exact":  # exact patching has no gradients, so no edges
         t0 = time.perf_counter()
         edges = edge_effects(
             model, dict(dictionaries), clean, effects, metric, node_threshold=cfg.node_threshold,
@@ -163,7 +163,12 @@ def discover(
         "total_effect": circuit.metadata.total_effect,
         "task_accuracy_test": task_accuracy(model, test),
         "evaluation": scores, "timings": {k: round(v, 2) for k, v in timings.items()},
+        "edges_computed": edges is not None,
+        "pruned_to_metric": bool(circuit.metadata.extra.get("pruned_to_metric")),
     }
+    if edges is None:
+        metrics["note"] = ("no edges were computed (--no-edges, or method 'exact'), so no pruning was done: the "
+                           "circuit keeps every node over the node threshold.")
     feats, errs = effects.aggregate(cfg.aggregation)
     return DiscoverResult(circuit, metrics, feats, errs)
 

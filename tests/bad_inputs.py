@@ -105,17 +105,44 @@ def unreadable(path: Path, monkeypatch):
     yield path
 
 
-def tiny_circuit_file(path: Path, model: str = "smollm2-135m", task: str = "simple", **node) -> Path:
-    """A valid two-node circuit file (one feature at resid_3 feeding the metric), saved at ``path``.
+def tiny_circuit_file(path: Path, model: str = "smollm2-135m", task: str = "simple", *, site: str = "resid_3",
+                      sites: list[str] | None = None, feature: int = 5, effect: float = 0.5, n_layers: int = 30,
+                      dictionaries: dict[str, str] | None = None) -> Path:
+    """A valid two-node circuit file (one feature feeding the metric), saved at ``path``.
 
-    ``node`` overrides the feature node's ``site`` / ``feature`` / ``effect``.
+    ``sites`` is ``metadata.sites`` (default: ``[site]``).
     """
     from circuits.graph import Circuit, CircuitMetadata, Edge, Node
 
-    site, feature, effect = node.get("site", "resid_3"), node.get("feature", 5), node.get("effect", 0.5)
+    sites = sites or [site]
     n = Node.make(site, feature, None, effect)
-    md = CircuitMetadata(model=model, sites=["resid_3"], n_layers=30, task=task, aggregation="sum",
-                         dictionaries={"resid_3": "cache:smollm2-135m/resid_3"},
-                         extra={"task_source": task, "n_test": 4, "start_layer": 0})
-    Circuit([n, Node.metric(30, 1.0)], [Edge(n.id, "y", 0.5)], md).save(path)
+    md = CircuitMetadata(model=model, sites=sites, n_layers=n_layers, task=task, aggregation="sum",
+                         dictionaries=dictionaries or {s: f"cache:smollm2-135m/{s}" for s in sites},
+                         extra={"task_source": task, "n_test": 2, "start_layer": 0})
+    Circuit([n, Node.metric(n_layers, 1.0)], [Edge(n.id, "y", 0.5)], md).save(path)
     return path
+
+
+def tiny_task_file(path: Path, rows: int = 6) -> Path:
+    """Paired JSONL rows in :data:`WORDS` (single-token answers for :func:`save_tiny_model`'s tokenizer)."""
+    import json
+
+    lines = []
+    for i in range(rows):
+        a, b = WORDS[2 * i % 40], WORDS[(2 * i + 1) % 40]
+        lines.append(json.dumps({"clean_prefix": f"the {a} of", "patch_prefix": f"the {b} of",
+                                 "clean_answer": " is", "patch_answer": " are"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tiny_dictionary_folder(folder: Path, model_dir: Path, width: int = 64) -> Path:
+    """Random TopK SAEs (d=32, ``width`` latents, k=4) for resid_0 and resid_1 of a
+    :func:`save_tiny_model` model, one sub-folder per site."""
+    from attribution.dictionaries.formats import save_dictionary
+    from attribution.dictionaries.kinds import random_sae
+
+    for i, site in enumerate(("resid_0", "resid_1")):
+        save_dictionary(random_sae(32, width, "topk", k=4, seed=i), folder / site,
+                        {"model": str(model_dir), "site": site, "d": 32})
+    return folder

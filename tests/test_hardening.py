@@ -15,6 +15,8 @@ from tests.bad_inputs import (
     run_cli,
     save_tiny_model,
     tiny_circuit_file,
+    tiny_dictionary_folder,
+    tiny_task_file,
     tree,
     unreadable,
     unwritable,
@@ -302,3 +304,208 @@ def test_train_topk_refuses_non_positive_epochs(epochs):
 
     with pytest.raises(ValueError, match="must be a positive number"):
         train_topk(torch.randn(1024, 16), TrainConfig(width=32, k=4, epochs=epochs, batch_size=128))
+
+
+@pytest.fixture
+def tiny_setup(tmp_path):
+    """A saved tiny model, a dictionary folder for it and a paired task file."""
+    model_dir = save_tiny_model(tmp_path / "model")
+    dicts = tiny_dictionary_folder(tmp_path / "dicts", model_dir)
+    task = tiny_task_file(tmp_path / "task.jsonl")
+    return model_dir, dicts, task
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+    """Attribution and evaluation fail the test: the input should have been refused before them."""
+    import sfc.pipeline as pipeline
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the heavy work started before the bad input was refused")
+
+    for name in ("discover", "evaluate", "sweep_curve"):
+        monkeypatch.setattr(pipeline, name, boom)
+
+
+# ---------------------------------------------------------------- 12: --start-layer
+
+
+@pytest.mark.parametrize("layer", ["2", "9"])
+def test_start_layer_beyond_the_sites_is_refused_before_attribution(layer, tiny_setup, tmp_path, no_compute,
+                                                                    capsys):
+    model_dir, dicts, task = tiny_setup
+    rc, _, err = run_cli(["discover", "--model", model_dir, "--dictionaries", dicts, "--task", task,
+                          "--examples", "2", "--test", "2", "--out", tmp_path / "out", "--start-layer", layer],
+                         capsys)
+    line = _one_error_line(err, "discover")
+    assert rc == 2 and f"--start-layer {layer} is above every site" in line and "--start-layer 1 or lower" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_negative_start_layer_is_refused_before_the_model(tmp_path, no_model, capsys):
+    rc, _, err = run_cli(["discover", "--task", "simple", "--out", tmp_path / "o", "--start-layer", "-2"], capsys)
+    assert rc == 2 and "--start-layer -2 is negative" in _one_error_line(err, "discover")
+
+
+# ---------------------------------------------------------------- 13: no edges, no pruning
+
+
+@pytest.mark.parametrize("method, edges", [("ig", False), ("exact", True)])
+def test_without_edges_every_node_over_the_threshold_is_kept(method, edges):
+    from sfc.pipeline import DiscoverConfig, discover
+    from tests.test_circuits_pipeline import effects_and_edges, scale
+    from tests.test_circuits_pipeline import setup as make_setup
+
+    model, task, dicts = make_setup.__wrapped__()
+    ne, _ = effects_and_edges(model, task, dicts)
+    thr = 0.2 * scale(ne)
+    cfg = DiscoverConfig(n_examples=6, n_test=6, method=method, steps=2, aggregation="sum",
+                         node_threshold=thr, edges=edges)
+    result = discover(model, dicts, task, cfg, progress=False)
+    # Ground truth: the summed effects over the threshold, from the effects discover saved.
+    expect = {(s, j) for s, f in result.effects_features.items() for j in (f.abs() > thr).nonzero()[:, 0].tolist()}
+    expect |= {(s, None) for s, e in result.effects_errors.items() if float(e.abs()) > thr}
+    got = {(n.site, n.feature) for n in result.circuit.nodes if n.id != "y"}
+    assert expect and got == expect
+    assert result.metrics["n_nodes"] == len(expect)
+    assert result.metrics["pruned_to_metric"] is False and "no pruning was done" in result.metrics["note"]
+
+
+# ---------------------------------------------------------------- 5, 16: circuit files checked on every load path
+
+
+def _edit_circuit(path: Path, edit) -> Path:
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))  # json.dumps writes NaN / Infinity literally
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["nodes"][0].update(effect=float("nan")), "has effect nan"),
+    (lambda d: d["nodes"][0].update(effect=float("inf")), "has effect inf"),
+    (lambda d: d["edges"][0].update(weight=float("-inf")), "has weight -inf"),
+    (lambda d: d["metadata"].update(sites=["resid_0"]), "is at site 'resid_3', which metadata.sites does not list"),
+])
+@pytest.mark.parametrize("cmd", ["view", "evaluate"])
+def test_view_and_evaluate_refuse_the_same_bad_circuit_before_the_model(edit, message, cmd, tmp_path, no_model,
+                                                                        capsys):
+    path = _edit_circuit(tiny_circuit_file(tmp_path / "c.json"), edit)
+    before = path.read_bytes()
+    rc, _, err = run_cli([cmd, path], capsys)
+    assert rc == 2
+    assert message in _one_error_line(err, cmd)
+    assert path.read_bytes() == before and not (tmp_path / "c.html").exists()
+
+
+def test_the_circuit_loader_refuses_non_finite_values():
+    import tempfile
+
+    from circuits.graph import Circuit, CircuitFormatError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        good = json.loads(tiny_circuit_file(Path(tmp) / "c.json").read_text())
+    bad = json.loads(json.dumps(good))
+    bad["nodes"][0]["effect"] = float("nan")
+    with pytest.raises(CircuitFormatError, match="finite numbers only"):
+        Circuit.from_json_dict(bad)
+    assert Circuit.from_json_dict(good).nodes[0].effect == 0.5
+
+
+def test_a_feature_beyond_the_dictionary_width_is_refused_before_evaluation(tiny_setup, tmp_path, no_compute,
+                                                                           capsys):
+    model_dir, dicts, task = tiny_setup
+    path = tiny_circuit_file(tmp_path / "c.json", model=str(model_dir), task=str(task), site="resid_1",
+                             feature=100, n_layers=2, dictionaries={"resid_1": str(dicts / "resid_1")})
+    rc, _, err = run_cli(["evaluate", path], capsys)
+    line = _one_error_line(err, "evaluate")
+    assert rc == 2 and "is feature 100, but the dictionary at resid_1 has only 64 features" in line
+
+
+# ---------------------------------------------------------------- 4, 15: dictionary files
+
+
+def _saelens_folder(folder: Path) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    d, width = 8, 16
+    save_file({"W_enc": torch.randn(d, width), "b_enc": torch.zeros(width), "W_dec": torch.randn(width, d),
+               "b_dec": torch.zeros(d)}, str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"architecture": "standard", "d_in": d, "d_sae": width}))
+    return folder
+
+
+def _gemma_npz(path: Path, **override) -> Path:
+    import numpy as np
+
+    d, width = 8, 16
+    arrays = {"W_enc": np.random.randn(d, width).astype("f4"), "b_enc": np.zeros(width, "f4"),
+              "W_dec": np.random.randn(width, d).astype("f4"), "b_dec": np.zeros(d, "f4"),
+              "threshold": np.zeros(width, "f4")} | override
+    np.savez(path, **arrays)
+    return path
+
+
+def test_a_truncated_saelens_file_names_the_path(tmp_path):
+    from attribution.dictionaries.formats import DictionaryFileError, load_dictionary
+
+    folder = _saelens_folder(tmp_path / "sae")
+    assert load_dictionary(folder).width == 16  # whole, it loads
+    weights = folder / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(DictionaryFileError, match=r"sae_weights.safetensors is corrupt or truncated") as err:
+        load_dictionary(folder)
+    assert str(weights) in str(err.value)
+
+
+def test_a_truncated_gemma_scope_file_names_the_path(tmp_path):
+    from attribution.dictionaries.formats import DictionaryFileError, load_dictionary
+
+    path = _gemma_npz(tmp_path / "params.npz")
+    assert load_dictionary(path).width == 16
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DictionaryFileError, match="params.npz is corrupt or truncated"):
+        load_dictionary(path)
+
+
+def test_a_gemma_scope_file_with_an_object_array_is_refused_without_unpickling(tmp_path):
+    import numpy as np
+
+    from attribution.dictionaries.formats import DictionaryFileError, load_dictionary
+
+    path = _gemma_npz(tmp_path / "params.npz", W_enc=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(DictionaryFileError, match="params.npz holds object arrays") as err:
+        load_dictionary(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("layout", ["dictionary_learning", "saelens", "gemma_scope"])
+def test_a_dictionary_with_a_nan_weight_is_refused_when_it_loads(layout, tmp_path):
+    import numpy as np
+
+    from attribution.dictionaries.formats import (
+        DictionaryFileError,
+        load_dictionary,
+        save_dictionary,
+    )
+    from attribution.dictionaries.kinds import random_sae
+
+    if layout == "dictionary_learning":
+        sae = random_sae(8, 16, "topk", k=2)
+        with torch.no_grad():
+            sae.W_dec[3, 1] = float("nan")
+        path = save_dictionary(sae, tmp_path / "d")
+    elif layout == "saelens":
+        from safetensors.torch import load_file, save_file
+
+        path = _saelens_folder(tmp_path / "d")
+        state = load_file(str(path / "sae_weights.safetensors"))
+        state["W_dec"][3, 1] = float("nan")
+        save_file(state, str(path / "sae_weights.safetensors"))
+    else:
+        w = np.random.randn(16, 8).astype("f4")
+        w[3, 1] = np.inf
+        path = _gemma_npz(tmp_path / "params.npz", W_dec=w)
+    with pytest.raises(DictionaryFileError, match=r"1 non-finite value\(s\) \(NaN or infinity\) in W_dec"):
+        load_dictionary(path)
