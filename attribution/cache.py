@@ -64,12 +64,14 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
     An existing ``target`` is replaced. On any exception (including
     ``KeyboardInterrupt`` and a full disk) the temporary folder is deleted and
-    ``target`` is left as it was.
+    ``target`` is left as it was. The folder gets the permissions ``mkdir``
+    would give it (``0777`` less the umask).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     # The owner's PID in the name lets a later build tell a live build's folder from a leftover.
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.pid{os.getpid()}.", suffix=".tmp"))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes folders private; a cache entry is shared like mkdir's
         yield tmp
         if target.exists():
             old = target.with_name(f".{target.name}.old")

@@ -509,3 +509,69 @@ def test_a_dictionary_with_a_nan_weight_is_refused_when_it_loads(layout, tmp_pat
         path = _gemma_npz(tmp_path / "params.npz", W_dec=w)
     with pytest.raises(DictionaryFileError, match=r"1 non-finite value\(s\) \(NaN or infinity\) in W_dec"):
         load_dictionary(path)
+
+
+# ---------------------------------------------------------------- 21: quotes on the viewer's x axis
+
+
+def test_prompt_tokens_with_quotes_show_as_typed_on_the_x_axis(tmp_path):
+    """Checked in a real browser (Debian's chromium): the tick labels' text is the token itself."""
+    from tests.synthetic_graph import synthetic_circuit
+    from tests.test_viewer import Viewer
+    from tests.test_viewer import browser as browser_fixture
+    from viz import render_html
+
+    c = synthetic_circuit(n_layers=2, n_positions=4, n_nodes=10, n_edges=10, seed=2)
+    tokens = [' "', 'say "hi"', "it's", "a<b & c>"]
+    c["metadata"]["prompt_tokens"] = tokens
+    page = render_html(c, tmp_path / "quotes.html")
+    gen = browser_fixture.__wrapped__()
+    browser = next(gen)
+    try:
+        v = Viewer(browser, page).ready()
+        shown = v.js("() => [...document.querySelectorAll('.xtick text')].map(t => t.textContent)")
+        v.close()
+    finally:
+        next(gen, None)
+    assert shown == [repr(tokens[0])[1:-1], *tokens[1:]]  # a token with outer spaces is shown as its repr
+    assert not any("&quot;" in s or "&#x27;" in s or "&amp;" in s for s in shown)
+
+
+# ---------------------------------------------------------------- 19: the umask is honoured
+
+
+@pytest.fixture
+def umask_027():
+    import os
+
+    old = os.umask(0o027)
+    yield
+    os.umask(old)
+
+
+def _modes(root: Path) -> set[tuple[str, int]]:
+    import stat
+
+    return {("dir" if p.is_dir() else "file", stat.S_IMODE(p.stat().st_mode)) for p in root.rglob("*")}
+
+
+def test_cache_and_outputs_get_the_modes_mkdir_and_open_give(tmp_path, cache, capsys, umask_027):
+    import os
+    import stat
+
+    # Ground truth: what plain mkdir and open give under this umask.
+    (tmp_path / "ref").mkdir()
+    with open(tmp_path / "ref" / "f", "w") as fh:
+        fh.write("x")
+    want = {("dir", stat.S_IMODE(os.stat(tmp_path / "ref").st_mode)),
+            ("file", stat.S_IMODE(os.stat(tmp_path / "ref" / "f").st_mode))}
+    assert want == {("dir", 0o750), ("file", 0o640)}
+    model_dir = save_tiny_model(tmp_path / "m")
+    assert run_cli(["dictionaries", "build", "--model", model_dir, *BUILD], capsys)[0] == 0
+    assert _modes(cache / "dictionaries") == want
+
+    from attribution.cache import atomic_dir, atomic_write_bytes
+
+    with atomic_dir(tmp_path / "entry") as tmp:
+        atomic_write_bytes(tmp / "a.bin", b"1")
+    assert _modes(tmp_path / "entry") | {("dir", stat.S_IMODE((tmp_path / "entry").stat().st_mode))} == want
