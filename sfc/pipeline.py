@@ -166,11 +166,40 @@ def discover(
         "edges_computed": edges is not None,
         "pruned_to_metric": bool(circuit.metadata.extra.get("pruned_to_metric")),
     }
-    if edges is None:
-        metrics["note"] = ("no edges were computed (--no-edges, or method 'exact'), so no pruning was done: the "
-                           "circuit keeps every node over the node threshold.")
     feats, errs = effects.aggregate(cfg.aggregation)
+    metrics["largest_node_effect"] = max(float(v.abs().max()) for v in [*feats.values(), *errs.values()])
+    metrics["notes"] = _notes(cfg, task, len(train), len(test), n_circuit_nodes, edges is not None, feats, errs,
+                              metrics["largest_node_effect"])
     return DiscoverResult(circuit, metrics, feats, errs)
+
+
+def _notes(
+    cfg: DiscoverConfig, task: TaskData, n_train: int, n_test: int, n_nodes: int, with_edges: bool,
+    feats: Mapping[str, Tensor], errs: Mapping[str, Tensor], largest: float,
+) -> list[str]:
+    """What a user should know about a finished run (``metrics["notes"]``; the CLI prints them):
+    fewer examples used than asked for, no pruning without edges, and an empty circuit with the
+    threshold that would keep a node."""
+    notes = []
+    if n_train < cfg.n_examples:
+        notes.append(f"--examples {cfg.n_examples} asked for more training pairs than task {task.name!r} has: "
+                     f"used {n_train}.")
+    if n_test < cfg.n_test:
+        notes.append(f"--test {cfg.n_test} asked for more test pairs than task {task.name!r} has: used {n_test}.")
+    if not with_edges:
+        notes.append("no edges were computed (--no-edges, or method 'exact'), so no pruning was done: the "
+                     "circuit keeps every node over the node threshold.")
+    if n_nodes == 0:
+        over = sum(int((v.abs() > cfg.node_threshold).sum()) for v in [*feats.values(), *errs.values()])
+        if over == 0:
+            notes.append(f"the circuit is empty: no node's effect exceeds --node-threshold {cfg.node_threshold:g} "
+                         f"(the largest is {largest:.4g}); a threshold below {largest:.4g}, e.g. "
+                         f"{largest * 0.5:.3g}, keeps at least one node.")
+        else:
+            notes.append(f"the circuit is empty: {over} node(s) exceed --node-threshold {cfg.node_threshold:g} but "
+                         f"none has a path to the metric through edges over --edge-threshold "
+                         f"{cfg.edge_threshold:g}: lower --edge-threshold, or use --no-edges.")
+    return notes
 
 
 def save_effects(path: Path, feats: Mapping[str, Tensor], errs: Mapping[str, Tensor]) -> None:

@@ -368,7 +368,8 @@ def test_without_edges_every_node_over_the_threshold_is_kept(method, edges):
     got = {(n.site, n.feature) for n in result.circuit.nodes if n.id != "y"}
     assert expect and got == expect
     assert result.metrics["n_nodes"] == len(expect)
-    assert result.metrics["pruned_to_metric"] is False and "no pruning was done" in result.metrics["note"]
+    assert result.metrics["pruned_to_metric"] is False
+    assert any("no pruning was done" in note for note in result.metrics["notes"])
 
 
 # ---------------------------------------------------------------- 5, 16: circuit files checked on every load path
@@ -575,3 +576,35 @@ def test_cache_and_outputs_get_the_modes_mkdir_and_open_give(tmp_path, cache, ca
     with atomic_dir(tmp_path / "entry") as tmp:
         atomic_write_bytes(tmp / "a.bin", b"1")
     assert _modes(tmp_path / "entry") | {("dir", stat.S_IMODE((tmp_path / "entry").stat().st_mode))} == want
+
+
+# ---------------------------------------------------------------- 17: fewer examples, empty circuits
+
+
+def test_an_empty_circuit_names_the_threshold_that_keeps_a_node():
+    from sfc.pipeline import DiscoverConfig, discover
+    from tests.test_circuits_pipeline import setup as make_setup
+
+    model, task, dicts = make_setup.__wrapped__()
+    cfg = DiscoverConfig(n_examples=6, n_test=6, method="attrib", aggregation="sum", node_threshold=1e6)
+    result = discover(model, dicts, task, cfg, progress=False)
+    assert result.metrics["n_nodes"] == 0
+    # Ground truth: the largest summed effect, read from the effects discover saved.
+    top = max(float(v.abs().max()) for v in [*result.effects_features.values(), *result.effects_errors.values()])
+    note = next(n for n in result.metrics["notes"] if n.startswith("the circuit is empty"))
+    assert f"the largest is {top:.4g}" in note
+    suggested = float(note.split("e.g. ")[1].split(",")[0])
+    again = discover(model, dicts, task, DiscoverConfig(n_examples=6, n_test=6, method="attrib", aggregation="sum",
+                                                        node_threshold=suggested, edges=False), progress=False)
+    assert again.metrics["n_nodes"] >= 1
+
+
+def test_asking_for_more_examples_than_the_file_has_says_how_many_were_used(tiny_setup, tmp_path, capsys):
+    model_dir, dicts, task = tiny_setup  # 6 rows: 2 test, 4 train
+    rc, _, err = run_cli(["discover", "--model", model_dir, "--dictionaries", dicts, "--task", task,
+                          "--examples", "50", "--test", "2", "--steps", "1", "--start-layer", "0",
+                          "--out", tmp_path / "out"], capsys)
+    assert rc == 0, err
+    assert "--examples 50 asked for more training pairs than task 'task' has: used 4." in err
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["n_examples"] == 4

@@ -82,6 +82,8 @@ def run(args) -> int:
         write_outputs(folder, result)
         render_html(result.circuit, folder / "circuit.html")
         summary[label] = result.metrics
+        for note in result.metrics.get("notes", []):
+            print(f"[sfc] {label}: note: {note}", file=sys.stderr)
         print(f"[sfc] {label}: {result.metrics['n_nodes']} nodes, {result.metrics['n_edges']} edges, "
               f"faithfulness {result.metrics['faithfulness']:.3f}, completeness "
               f"{result.metrics['completeness']:.3f} -> {folder}", file=sys.stderr)
