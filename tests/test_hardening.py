@@ -608,3 +608,91 @@ def test_asking_for_more_examples_than_the_file_has_says_how_many_were_used(tiny
     assert "--examples 50 asked for more training pairs than task 'task' has: used 4." in err
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["n_examples"] == 4
+
+
+# ---------------------------------------------------------------- 18, 20: output folders
+
+
+def _discover(model_dir, dicts, task, out, *extra) -> list[str]:
+    return ["discover", "--model", model_dir, "--dictionaries", dicts, "--task", task, "--examples", "3",
+            "--test", "2", "--steps", "1", "--start-layer", "0", "--out", out, *extra]
+
+
+def _siblings(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}"))
+
+
+def test_a_rerun_without_neurons_leaves_no_stale_neurons_folder(tiny_setup, tmp_path, capsys):
+    model_dir, dicts, task = tiny_setup
+    out = tmp_path / "out"
+    assert run_cli(_discover(model_dir, dicts, task, out, "--neurons"), capsys)[0] == 0
+    assert (out / "neurons" / "circuit.json").exists()
+    rc, _, err = run_cli(_discover(model_dir, dicts, task, out, "--node-threshold", "0.5"), capsys)
+    assert rc == 0, err
+    assert not (out / "neurons").exists()  # nothing of the first run is left beside the second's files
+    assert json.loads((out / "metrics.json").read_text())["node_threshold"] == 0.5
+    assert "replaced the previous outputs" in err
+    assert _siblings(out) == []  # no temporary folder or lock left behind
+
+
+def test_an_interrupted_run_leaves_the_previous_outputs_whole(tiny_setup, tmp_path, capsys, monkeypatch):
+    import viz
+
+    model_dir, dicts, task = tiny_setup
+    out = tmp_path / "out"
+    assert run_cli(_discover(model_dir, dicts, task, out), capsys)[0] == 0
+    before = tree(out)
+    real = viz.render_html
+    calls = []
+
+    def ctrl_c_after_the_features(circuit, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:  # the neurons' page: circuit.json and metrics.json of both runs are written
+            raise KeyboardInterrupt
+        return real(circuit, path, *a, **k)
+
+    monkeypatch.setattr(viz, "render_html", ctrl_c_after_the_features)
+    rc, _, err = run_cli(_discover(model_dir, dicts, task, out, "--neurons", "--node-threshold", "0.3"), capsys)
+    assert rc == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"sfc discover: interrupted: --out {out} was left as it was: the "
+                                            "previous run's outputs are whole.")
+    assert tree(out) == before
+    assert _siblings(out) == []
+
+
+def test_a_second_run_into_a_folder_being_written_is_refused(tiny_setup, tmp_path, capsys):
+    """A real second process holds the lock, as a concurrent `sfc discover` would."""
+    import subprocess
+    import sys
+    import time
+
+    model_dir, dicts, task = tiny_setup
+    out = tmp_path / "out"
+    assert run_cli(_discover(model_dir, dicts, task, out), capsys)[0] == 0
+    before = tree(out)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom sfc.cli.outputs import locked\n"
+         "with locked(Path(sys.argv[1])):\n    print('locked', flush=True)\n    time.sleep(60)\n", str(out)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        rc, _, err = run_cli(_discover(model_dir, dicts, task, out, "--node-threshold", "0.3"), capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    line = _one_error_line(err, "discover")
+    assert rc == 2 and f"is writing into --out {out}: wait for it to finish" in line and str(holder.pid) in line
+    assert tree(out) == before
+    time.sleep(0.1)
+    # The holder is gone (killed without cleaning up): its lock is stale and the next run takes over.
+    rc, _, err = run_cli(_discover(model_dir, dicts, task, out, "--node-threshold", "0.3"), capsys)
+    assert rc == 0, err
+
+
+def test_a_folder_of_other_files_is_never_replaced(tmp_path, no_model, capsys):
+    out = tmp_path / "papers"
+    out.mkdir()
+    (out / "draft.tex").write_text("keep me")
+    rc, _, err = run_cli(["discover", "--task", "simple", "--out", out], capsys)
+    assert rc == 2 and "is a folder of other files (draft.tex...)" in _one_error_line(err, "discover")
+    assert tree(out) == {"draft.tex": b"keep me"}

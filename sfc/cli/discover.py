@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from sfc.cli.outputs import staged
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("discover", help="discover, evaluate and save a sparse feature circuit")
@@ -30,7 +32,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print metrics.json to stdout")
-    p.set_defaults(func=run)
+    p.set_defaults(func=staged(run))  # writes into a temporary folder that replaces --out at the end
 
 
 def _validate(args) -> None:
@@ -69,7 +71,7 @@ def run(args) -> int:
         top_k=args.top_k, edges=not args.no_edges, seed=args.seed,
         ablation=AblationConfig(start_layer=start_layer),
     )
-    out = Path(args.out)
+    out = Path(args.staged_out)  # see sfc.cli.outputs.staged
     runs = [("features", False, out)] + ([("neurons", True, out / "neurons")] if args.neurons else [])
     summary = {}
     for label, neurons, folder in runs:
@@ -86,7 +88,7 @@ def run(args) -> int:
             print(f"[sfc] {label}: note: {note}", file=sys.stderr)
         print(f"[sfc] {label}: {result.metrics['n_nodes']} nodes, {result.metrics['n_edges']} edges, "
               f"faithfulness {result.metrics['faithfulness']:.3f}, completeness "
-              f"{result.metrics['completeness']:.3f} -> {folder}", file=sys.stderr)
+              f"{result.metrics['completeness']:.3f} -> {Path(args.out) / folder.relative_to(out)}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary["features"] if len(summary) == 1 else summary, indent=2))
     return 0
