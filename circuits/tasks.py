@@ -328,6 +328,8 @@ def load_jsonl_task(
         else:
             examples.append(Example(row["prefix"], None, row["answer"], None, case))
     validate_examples(examples, tokenizer, source=str(path), lines=lines)
+    if kind == "paired":
+        _check_one_length(examples, tokenizer, str(path), lines)
     if n_test:
         if n_test >= len(examples):
             raise ValueError(
@@ -336,6 +338,30 @@ def load_jsonl_task(
         examples = examples[:]
         random.Random(seed).shuffle(examples)
     return TaskData(path.stem, examples[n_test:], examples[:n_test])
+
+
+def _spans(numbers: list[int]) -> str:
+    """``[1, 2, 3, 5]`` -> ``"1-3, 5"``."""
+    out, start = [], None
+    for i, n in enumerate(numbers):
+        start = n if start is None else start
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            out.append(str(n) if n == start else f"{start}-{n}")
+            start = None
+    return ", ".join(out)
+
+
+def _check_one_length(examples: Sequence[Example], tokenizer: Any, source: str, lines: Sequence[int]) -> None:
+    """Paired prompts of one task share one token length: circuit nodes sit at positions shared by
+    every prompt, and evaluation ablates them there. Refuses with the line numbers of each length."""
+    by_length: dict[int, list[int]] = {}
+    for ex, line in zip(examples, lines):
+        by_length.setdefault(prefix_length(tokenizer, ex.clean_prefix), []).append(line)
+    if len(by_length) > 1:
+        groups = sorted(by_length.items(), key=lambda kv: -len(kv[1]))
+        desc = "; ".join(f"{n} tokens on line{'s' if len(ls) > 1 else ''} {_spans(ls)}" for n, ls in groups)
+        raise ValueError(f"{source}: the prompts tokenise to different lengths ({desc}); a task's prompts need one "
+                         "length, since circuit nodes sit at shared positions: split the file by length.")
 
 
 def validate_examples(

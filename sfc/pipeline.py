@@ -87,6 +87,37 @@ def task_accuracy(model: SFCModel, examples: list[Example]) -> float:
     return float((logit_diff(good, bad)(logits, torch.arange(len(good))) > 0).float().mean())
 
 
+@torch.no_grad()
+def check_metric_spread(
+    model: SFCModel, clean: Batch, patch: Batch, clean_ids: Tensor, patch_ids: Tensor, what: str,
+    rtol: float = 1e-6,
+) -> None:
+    """Refuse a degenerate task before any attribution (one forward pass each on clean and patch).
+
+    The metric ``m = logit(patch answer) - logit(clean answer)`` must differ
+    between the clean and patch prompts on average: else every effect is 0 and
+    faithfulness, ``(m(C) - m(empty)) / (m(M) - m(empty))``, is undefined. That
+    happens when each row has the same answer on both sides, or when the clean
+    and patch prompts tokenise to the same ids.
+    """
+    same_answer = clean_ids == patch_ids
+    if bool(same_answer.all()):
+        raise ValueError(f"In {what} every row has the same answer on both sides, so the metric is always 0 and "
+                         "faithfulness is undefined: give different clean and patch answers.")
+    if clean.input_ids.shape == patch.input_ids.shape and bool((clean.input_ids == patch.input_ids).all()):
+        raise ValueError(f"In {what} the clean and patch prompts tokenise to the same ids, so patching changes "
+                         "nothing and faithfulness is undefined: make the prompts differ (check that the "
+                         "tokenizer does not split or drop the words that differ).")
+    metric = logit_diff(patch_ids, clean_ids)
+    rows = torch.arange(len(clean_ids), device=clean.input_ids.device)
+    m = [float(metric(model.hf(b.input_ids, attention_mask=b.attention_mask, logits_to_keep=1).logits, rows).mean())
+         for b in (clean, patch)]
+    if abs(m[0] - m[1]) <= rtol * max(1.0, abs(m[0]), abs(m[1])):
+        raise ValueError(f"In {what} the metric is the same on the clean and patch prompts (m = {m[0]:.4g}), so "
+                         "every effect is 0 and faithfulness is undefined: make the clean and patch prompts "
+                         "differ in a way the model sees.")
+
+
 def evaluate(
     model: SFCModel, dictionaries: Mapping[str, Dictionary], circuit: Circuit, test: list[Example],
     cfg: DiscoverConfig,
@@ -122,7 +153,9 @@ def discover(
     clean, patch, clean_ids, patch_ids = _pairs(model, train)
     if not test:
         raise ValueError(f"Task {task.name!r} has no test examples: faithfulness is measured on the test split.")
-    _pairs(model, test)  # validate before any heavy work
+    test_pairs = _pairs(model, test)  # validate before any heavy work
+    check_metric_spread(model, clean, patch, clean_ids, patch_ids, f"task {task.name!r} (training pairs)")
+    check_metric_spread(model, *test_pairs, f"task {task.name!r} (test pairs)")
     sites = [s for s in model.all_sites() if s.name in dictionaries]
     metric = logit_diff(patch_ids, clean_ids)
     timings = {}

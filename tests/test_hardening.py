@@ -696,3 +696,65 @@ def test_a_folder_of_other_files_is_never_replaced(tmp_path, no_model, capsys):
     rc, _, err = run_cli(["discover", "--task", "simple", "--out", out], capsys)
     assert rc == 2 and "is a folder of other files (draft.tex...)" in _one_error_line(err, "discover")
     assert tree(out) == {"draft.tex": b"keep me"}
+
+
+# ---------------------------------------------------------------- 10, 11: tasks checked when they load
+
+
+@pytest.fixture
+def no_attribution(monkeypatch):
+    import sfc.pipeline as pipeline
+
+    def boom(*args, **kwargs):
+        raise AssertionError("attribution started before the bad task was refused")
+
+    monkeypatch.setattr(pipeline, "node_effects", boom)
+    monkeypatch.setattr(pipeline, "edge_effects", boom)
+
+
+def _rows(path: Path, rows: list[tuple[str, str, str, str]]) -> Path:
+    path.write_text("".join(json.dumps({"clean_prefix": a, "patch_prefix": b, "clean_answer": c,
+                                        "patch_answer": d}) + "\n" for a, b, c, d in rows))
+    return path
+
+
+def test_prompts_of_different_lengths_are_refused_with_their_line_numbers(tiny_setup, tmp_path, no_attribution,
+                                                                          capsys):
+    model_dir, dicts, _ = tiny_setup
+    # The word-level tokenizer gives one token per word: lines 1, 2, 4 have 3 words, lines 3 and 5 have 4.
+    task = _rows(tmp_path / "mixed.jsonl", [
+        ("the one of", "the all of", " is", " are"),
+        ("the he of", "the she of", " is", " are"),
+        ("the one of it", "the all of it", " is", " are"),
+        ("the we of", "the they of", " is", " are"),
+        ("the he of it", "the she of it", " is", " are"),
+    ])
+    argv = _discover(model_dir, dicts, task, tmp_path / "out")
+    argv[argv.index("--examples") + 1] = "2"  # 5 rows: 2 test, 3 train
+    rc, _, err = run_cli(argv, capsys)
+    line = _one_error_line(err, "discover")
+    assert rc == 2
+    assert "the prompts tokenise to different lengths (3 tokens on lines 1-2, 4; 4 tokens on lines 3, 5)" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([("the one of", "the all of", " is", " is")] * 4, "every row has the same answer on both sides"),
+    # "zebra" and "yak" are not in the tokenizer's vocabulary: both prompts become "the <unk> of".
+    ([("the zebra of", "the yak of", " is", " are")] * 4, "the clean and patch prompts tokenise to the same ids"),
+])
+def test_a_degenerate_task_is_refused_before_attribution(rows, message, tiny_setup, tmp_path, no_attribution,
+                                                         capsys):
+    from transformers import AutoTokenizer
+
+    model_dir, dicts, _ = tiny_setup
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = [tok(r[0], add_special_tokens=False)["input_ids"] for r in rows[:1]] + \
+          [tok(r[1], add_special_tokens=False)["input_ids"] for r in rows[:1]]
+    assert (ids[0] == ids[1]) == ("same ids" in message)  # the premise, from the tokenizer itself
+    task = _rows(tmp_path / "degenerate.jsonl", rows)
+    argv = _discover(model_dir, dicts, task, tmp_path / "out")
+    argv[argv.index("--examples") + 1] = "2"  # 4 rows: 2 test, 2 train
+    rc, _, err = run_cli(argv, capsys)
+    assert rc == 2 and message in _one_error_line(err, "discover")
+    assert not (tmp_path / "out").exists()
