@@ -758,3 +758,52 @@ def test_a_degenerate_task_is_refused_before_attribution(rows, message, tiny_set
     rc, _, err = run_cli(argv, capsys)
     assert rc == 2 and message in _one_error_line(err, "discover")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- 22: large task files
+
+
+def test_a_large_task_file_tokenises_only_the_rows_it_uses(tmp_path):
+    import random
+
+    from circuits.tasks import load_task
+    from tests.test_tasks import NOUN_NUMBER, OTHER_WORDS, VERB_NUMBER, word_tokenizer
+
+    tok = word_tokenizer([*NOUN_NUMBER, *VERB_NUMBER, *OTHER_WORDS])
+    nouns = list(NOUN_NUMBER)
+    rows = [(f"The {nouns[i % len(nouns)]}", f"The {nouns[(i + 1) % len(nouns)]}", " is", " are")
+            for i in range(5000)]
+    path = _rows(tmp_path / "big.jsonl", rows)
+
+    class Counting:
+        """The tokenizer, counting the texts it is asked to tokenise."""
+
+        def __init__(self, inner):
+            self.inner, self.texts = inner, 0
+
+        def __call__(self, text, *args, **kwargs):
+            self.texts += 1 if isinstance(text, str) else len(text)
+            return self.inner(text, *args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    counting = Counting(tok)
+    task = load_task(str(path), counting, n_train=8, n_test=4, seed=7)
+    assert counting.texts <= 5 * (8 + 4)  # two prefixes, two answers and a length per used row, not 5000 rows
+    # Ground truth for the split: a seeded shuffle of the row indices, as the eager loader did it.
+    order = list(range(len(rows)))
+    random.Random(7).shuffle(order)
+    assert [e.clean_prefix for e in task.test] == [rows[i][0] for i in order[:4]]
+    assert [e.clean_prefix for e in task.train] == [rows[i][0] for i in order[4:12]]
+
+
+def test_a_bad_row_outside_the_used_rows_is_still_refused_when_its_json_is_bad(tmp_path):
+    from circuits.tasks import load_task
+    from tests.test_tasks import NOUN_NUMBER, OTHER_WORDS, VERB_NUMBER, word_tokenizer
+
+    tok = word_tokenizer([*NOUN_NUMBER, *VERB_NUMBER, *OTHER_WORDS])
+    path = _rows(tmp_path / "big.jsonl", [("The parents", "The parent", " are", " is")] * 50)
+    path.write_text(path.read_text() + "{not json\n")
+    with pytest.raises(ValueError, match="big.jsonl, line 51: not valid JSON"):
+        load_task(str(path), tok, n_train=2, n_test=2)
