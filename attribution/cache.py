@@ -8,6 +8,10 @@ Everything this toolkit builds rather than ships lives under one folder,
     activations/<model>/<key>/      harvested site activations (memory-mapped .npy)
     dictionaries/<model>/<site>/    ae.pt + config.json (dictionary_learning layout)
 
+``<model>`` is the model's cache key (:mod:`attribution.model.identity`): its
+name plus a fingerprint of its config and weights (the embedded
+``smollm2-135m`` keeps its plain name), never a path.
+
 Every entry is written atomically: files go into a temporary sibling folder,
 which is renamed into place only when complete, so an interrupted or
 disk-full build never leaves a half-written entry that looks finished.
@@ -31,19 +35,27 @@ def cache_dir() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "sparse-feature-circuits"
 
 
+def _entry(model_name: str) -> str:
+    """``model_name`` as one folder name: a cache entry never escapes the cache (an absolute
+    path or ``..`` would), whatever string names it."""
+    from attribution.model.identity import readable_name
+
+    return model_name if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", model_name) else readable_name(model_name)
+
+
 def model_cache(model_name: str) -> Path:
     """Where the converted weights of ``model_name`` live."""
-    return cache_dir() / "models" / model_name
+    return cache_dir() / "models" / _entry(model_name)
 
 
 def dictionary_cache(model_name: str) -> Path:
     """The folder holding one sub-folder per site with that site's dictionary."""
-    return cache_dir() / "dictionaries" / model_name
+    return cache_dir() / "dictionaries" / _entry(model_name)
 
 
 def activation_cache(model_name: str) -> Path:
     """The folder holding harvested activations of ``model_name``."""
-    return cache_dir() / "activations" / model_name
+    return cache_dir() / "activations" / _entry(model_name)
 
 
 @contextmanager
@@ -52,12 +64,14 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
     An existing ``target`` is replaced. On any exception (including
     ``KeyboardInterrupt`` and a full disk) the temporary folder is deleted and
-    ``target`` is left as it was.
+    ``target`` is left as it was. The folder gets the permissions ``mkdir``
+    would give it (``0777`` less the umask).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     # The owner's PID in the name lets a later build tell a live build's folder from a leftover.
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.pid{os.getpid()}.", suffix=".tmp"))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes folders private; a cache entry is shared like mkdir's
         yield tmp
         if target.exists():
             old = target.with_name(f".{target.name}.old")

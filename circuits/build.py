@@ -58,6 +58,8 @@ def build_circuit(
     ``model`` is the model the effects came from (its name and layer count go
     into the metadata, and, for a per-position circuit, the first prompt's tokens
     unless ``prompt_tokens`` is given), or just its name, with ``n_layers`` given.
+    With ``edges=None`` (no edges computed) nothing is pruned: every node over the
+    threshold is kept, since pruning to the metric needs edges.
     """
     _check_thresholds(node_threshold, edge_threshold, top_k)
     if isinstance(model, SFCModel):
@@ -99,7 +101,11 @@ def build_circuit(
         total_effect=None if total is None else total_value, extra=dict(extra or {}),
     )
     circuit = Circuit(nodes=nodes, edges=out_edges, metadata=metadata)
-    return circuit.prune_to_metric() if prune else circuit
+    # Without edges no node has a path to the metric, so pruning would empty the circuit: keep every
+    # node over the threshold instead (metadata.extra["pruned_to_metric"] says which was done).
+    pruned = prune and edges is not None
+    circuit.metadata.extra["pruned_to_metric"] = pruned
+    return circuit.prune_to_metric() if pruned else circuit
 
 
 def _widths(effects: NodeEffects) -> dict[str, int]:

@@ -35,6 +35,7 @@ import math
 import os
 import re
 from collections import Counter, deque
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cache
 from importlib import metadata as _pkg_metadata
@@ -415,6 +416,7 @@ class Circuit:
         nodes = [Node(**{"activation": None, "label": None} | n) for n in doc["nodes"]]
         edges = [Edge(**e) for e in doc["edges"]]
         _check_consistency(nodes, edges, source)
+        _check_values(nodes, edges, md, source)
         return cls(nodes, edges, md, doc.get("dashboards"))
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -672,6 +674,52 @@ def _check_consistency(nodes: list[Node], edges: list[Edge], source: str) -> Non
                 raise CircuitFormatError(
                     f"{source}: edges[{i}] refers to node {end!r}, which is not in 'nodes'."
                 )
+
+
+def _check_values(nodes: list[Node], edges: list[Edge], md: CircuitMetadata, source: str) -> None:
+    """What the viewer checks, on every load path: finite effects and weights (JSON's ``NaN`` and
+    ``Infinity`` parse, but are refused), node sites listed in ``metadata.sites``, and positions
+    within ``metadata.prompt_tokens`` for a per-position circuit."""
+    sites = set(md.sites)
+    tokens = md.prompt_tokens if md.aggregation == "none" else None
+    for i, n in enumerate(nodes):
+        if not math.isfinite(n.effect):
+            raise CircuitFormatError(f"{source}: nodes[{i}] ({n.id}) has effect {n.effect}; circuit files hold "
+                                     "finite numbers only: re-create the file with `sfc discover`.")
+        if n.activation is not None and not math.isfinite(n.activation):
+            raise CircuitFormatError(f"{source}: nodes[{i}] ({n.id}) has activation {n.activation}; circuit "
+                                     "files hold finite numbers only: re-create the file with `sfc discover`.")
+        if n.id != METRIC_ID and n.site not in sites:
+            raise CircuitFormatError(f"{source}: nodes[{i}] ({n.id}) is at site {n.site!r}, which "
+                                     f"metadata.sites does not list ({', '.join(md.sites) or 'none'}): add the "
+                                     "site to metadata.sites or remove the node.")
+        if tokens is not None and n.id != METRIC_ID and n.position is not None and n.position >= len(tokens):
+            raise CircuitFormatError(f"{source}: nodes[{i}] ({n.id}) is at position {n.position}, outside the "
+                                     f"{len(tokens)} prompt tokens in metadata.prompt_tokens.")
+    for i, e in enumerate(edges):
+        if not math.isfinite(e.weight):
+            raise CircuitFormatError(f"{source}: edges[{i}] ({e.source} -> {e.target}) has weight {e.weight}; "
+                                     "circuit files hold finite numbers only: re-create the file with "
+                                     "`sfc discover`.")
+
+
+def check_widths(circuit: Circuit, widths: Mapping[str, int], source: str = "the circuit") -> None:
+    """Every node's site has a dictionary and every feature index is below that dictionary's width.
+
+    Raises :class:`CircuitFormatError` naming the first node that does not fit
+    (the circuit was made with other dictionaries).
+    """
+    for n in circuit.nodes:
+        if n.id == METRIC_ID:
+            continue
+        if n.site not in widths:
+            raise CircuitFormatError(f"{source}: node {n.id} is at site {n.site!r}, which has no dictionary "
+                                     f"(loaded: {', '.join(widths) or 'none'}): load the dictionaries the "
+                                     "circuit was made with (--dictionaries).")
+        if n.feature is not None and n.feature >= widths[n.site]:
+            raise CircuitFormatError(f"{source}: node {n.id} is feature {n.feature}, but the dictionary at "
+                                     f"{n.site} has only {widths[n.site]} features: the circuit was made with "
+                                     "other dictionaries; load those (--dictionaries).")
 
 
 def load_circuit(path: str | os.PathLike) -> Circuit:

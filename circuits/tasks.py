@@ -272,7 +272,7 @@ _UNPAIRED_KEYS = ("prefix", "answer")
 
 
 def load_jsonl_task(
-    path: str | os.PathLike, tokenizer: Any, n_test: int = 0, seed: int = 0
+    path: str | os.PathLike, tokenizer: Any, n_test: int = 0, seed: int = 0, n_train: int | None = None
 ) -> TaskData:
     """Read a task from JSONL and validate it; ``n_test`` rows (seeded) go to the test split.
 
@@ -280,6 +280,13 @@ def load_jsonl_task(
     "patch_answer"}``; unpaired rows are ``{"prefix", "answer"}`` (attribution
     then zero-ablates instead of patching). Extra keys (``"case"``) are kept
     when they name the case, and otherwise ignored. A file is all one kind.
+
+    Every row is parsed and checked for its keys (cheap), but only the rows
+    used are tokenised and checked against the tokenizer: the ``n_test`` test
+    rows and, with ``n_train`` given, the first ``n_train`` training rows (the
+    split is the same as with all rows, since a seeded shuffle depends only on
+    the number of rows). So ``--examples 8`` on a file of 200k rows tokenises 8
+    rows plus the test split, not 200k.
     """
     path = Path(path)
     examples: list[Example] = []
@@ -327,15 +334,46 @@ def load_jsonl_task(
             )
         else:
             examples.append(Example(row["prefix"], None, row["answer"], None, case))
-    validate_examples(examples, tokenizer, source=str(path), lines=lines)
+    if not examples:
+        validate_examples(examples, tokenizer, source=str(path), lines=lines)  # raises: the file is empty
+    order = list(range(len(examples)))
     if n_test:
         if n_test >= len(examples):
             raise ValueError(
                 f"{path} has {len(examples)} rows, too few for {n_test} test rows and any train rows."
             )
-        examples = examples[:]
-        random.Random(seed).shuffle(examples)
-    return TaskData(path.stem, examples[n_test:], examples[:n_test])
+        random.Random(seed).shuffle(order)
+    used = order[:n_test] + order[n_test:][: n_train if n_train is not None else len(order)]
+    chosen = sorted(used)  # file order, so that the first problem reported is the first in the file
+    validate_examples([examples[i] for i in chosen], tokenizer, source=str(path), lines=[lines[i] for i in chosen])
+    if kind == "paired":
+        _check_one_length([examples[i] for i in chosen], tokenizer, str(path), [lines[i] for i in chosen])
+    train = [examples[i] for i in order[n_test:]]
+    return TaskData(path.stem, train, [examples[i] for i in order[:n_test]])
+
+
+def _spans(numbers: list[int]) -> str:
+    """``[1, 2, 3, 5]`` -> ``"1-3, 5"``."""
+    out, start = [], None
+    for i, n in enumerate(numbers):
+        start = n if start is None else start
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            out.append(str(n) if n == start else f"{start}-{n}")
+            start = None
+    return ", ".join(out)
+
+
+def _check_one_length(examples: Sequence[Example], tokenizer: Any, source: str, lines: Sequence[int]) -> None:
+    """Paired prompts of one task share one token length: circuit nodes sit at positions shared by
+    every prompt, and evaluation ablates them there. Refuses with the line numbers of each length."""
+    by_length: dict[int, list[int]] = {}
+    for ex, line in zip(examples, lines):
+        by_length.setdefault(prefix_length(tokenizer, ex.clean_prefix), []).append(line)
+    if len(by_length) > 1:
+        groups = sorted(by_length.items(), key=lambda kv: -len(kv[1]))
+        desc = "; ".join(f"{n} tokens on line{'s' if len(ls) > 1 else ''} {_spans(ls)}" for n, ls in groups)
+        raise ValueError(f"{source}: the prompts tokenise to different lengths ({desc}); a task's prompts need one "
+                         "length, since circuit nodes sit at shared positions: split the file by length.")
 
 
 def validate_examples(
@@ -403,6 +441,6 @@ def load_task(task: str | os.PathLike, tokenizer: Any, n_train: int = 32, n_test
     if name.endswith(".jsonl"):
         if not Path(name).exists():
             raise FileNotFoundError(f"No task file at {name}: give a path to an existing JSONL file.")
-        data = load_jsonl_task(name, tokenizer, n_test=n_test, seed=seed)
+        data = load_jsonl_task(name, tokenizer, n_test=n_test, seed=seed, n_train=n_train)
         return TaskData(data.name, data.train[:n_train], data.test)
     raise ValueError(f"Unknown task {name!r}: the built-in tasks are {', '.join(TASKS)}, or pass a .jsonl file.")

@@ -87,6 +87,37 @@ def task_accuracy(model: SFCModel, examples: list[Example]) -> float:
     return float((logit_diff(good, bad)(logits, torch.arange(len(good))) > 0).float().mean())
 
 
+@torch.no_grad()
+def check_metric_spread(
+    model: SFCModel, clean: Batch, patch: Batch, clean_ids: Tensor, patch_ids: Tensor, what: str,
+    rtol: float = 1e-6,
+) -> None:
+    """Refuse a degenerate task before any attribution (one forward pass each on clean and patch).
+
+    The metric ``m = logit(patch answer) - logit(clean answer)`` must differ
+    between the clean and patch prompts on average: else every effect is 0 and
+    faithfulness, ``(m(C) - m(empty)) / (m(M) - m(empty))``, is undefined. That
+    happens when each row has the same answer on both sides, or when the clean
+    and patch prompts tokenise to the same ids.
+    """
+    same_answer = clean_ids == patch_ids
+    if bool(same_answer.all()):
+        raise ValueError(f"In {what} every row has the same answer on both sides, so the metric is always 0 and "
+                         "faithfulness is undefined: give different clean and patch answers.")
+    if clean.input_ids.shape == patch.input_ids.shape and bool((clean.input_ids == patch.input_ids).all()):
+        raise ValueError(f"In {what} the clean and patch prompts tokenise to the same ids, so patching changes "
+                         "nothing and faithfulness is undefined: make the prompts differ (check that the "
+                         "tokenizer does not split or drop the words that differ).")
+    metric = logit_diff(patch_ids, clean_ids)
+    rows = torch.arange(len(clean_ids), device=clean.input_ids.device)
+    m = [float(metric(model.hf(b.input_ids, attention_mask=b.attention_mask, logits_to_keep=1).logits, rows).mean())
+         for b in (clean, patch)]
+    if abs(m[0] - m[1]) <= rtol * max(1.0, abs(m[0]), abs(m[1])):
+        raise ValueError(f"In {what} the metric is the same on the clean and patch prompts (m = {m[0]:.4g}), so "
+                         "every effect is 0 and faithfulness is undefined: make the clean and patch prompts "
+                         "differ in a way the model sees.")
+
+
 def evaluate(
     model: SFCModel, dictionaries: Mapping[str, Dictionary], circuit: Circuit, test: list[Example],
     cfg: DiscoverConfig,
@@ -122,7 +153,9 @@ def discover(
     clean, patch, clean_ids, patch_ids = _pairs(model, train)
     if not test:
         raise ValueError(f"Task {task.name!r} has no test examples: faithfulness is measured on the test split.")
-    _pairs(model, test)  # validate before any heavy work
+    test_pairs = _pairs(model, test)  # validate before any heavy work
+    check_metric_spread(model, clean, patch, clean_ids, patch_ids, f"task {task.name!r} (training pairs)")
+    check_metric_spread(model, *test_pairs, f"task {task.name!r} (test pairs)")
     sites = [s for s in model.all_sites() if s.name in dictionaries]
     metric = logit_diff(patch_ids, clean_ids)
     timings = {}
@@ -133,7 +166,7 @@ def discover(
     )
     timings["nodes_s"] = time.perf_counter() - t0
     edges = None
-    if cfg.edges:
+    if cfg.edges and cfg.method != "exact":  # exact patching has no gradients, so no edges
         t0 = time.perf_counter()
         edges = edge_effects(
             model, dict(dictionaries), clean, effects, metric, node_threshold=cfg.node_threshold,
@@ -163,9 +196,43 @@ def discover(
         "total_effect": circuit.metadata.total_effect,
         "task_accuracy_test": task_accuracy(model, test),
         "evaluation": scores, "timings": {k: round(v, 2) for k, v in timings.items()},
+        "edges_computed": edges is not None,
+        "pruned_to_metric": bool(circuit.metadata.extra.get("pruned_to_metric")),
     }
     feats, errs = effects.aggregate(cfg.aggregation)
+    metrics["largest_node_effect"] = max(float(v.abs().max()) for v in [*feats.values(), *errs.values()])
+    metrics["notes"] = _notes(cfg, task, len(train), len(test), n_circuit_nodes, edges is not None, feats, errs,
+                              metrics["largest_node_effect"])
     return DiscoverResult(circuit, metrics, feats, errs)
+
+
+def _notes(
+    cfg: DiscoverConfig, task: TaskData, n_train: int, n_test: int, n_nodes: int, with_edges: bool,
+    feats: Mapping[str, Tensor], errs: Mapping[str, Tensor], largest: float,
+) -> list[str]:
+    """What a user should know about a finished run (``metrics["notes"]``; the CLI prints them):
+    fewer examples used than asked for, no pruning without edges, and an empty circuit with the
+    threshold that would keep a node."""
+    notes = []
+    if n_train < cfg.n_examples:
+        notes.append(f"--examples {cfg.n_examples} asked for more training pairs than task {task.name!r} has: "
+                     f"used {n_train}.")
+    if n_test < cfg.n_test:
+        notes.append(f"--test {cfg.n_test} asked for more test pairs than task {task.name!r} has: used {n_test}.")
+    if not with_edges:
+        notes.append("no edges were computed (--no-edges, or method 'exact'), so no pruning was done: the "
+                     "circuit keeps every node over the node threshold.")
+    if n_nodes == 0:
+        over = sum(int((v.abs() > cfg.node_threshold).sum()) for v in [*feats.values(), *errs.values()])
+        if over == 0:
+            notes.append(f"the circuit is empty: no node's effect exceeds --node-threshold {cfg.node_threshold:g} "
+                         f"(the largest is {largest:.4g}); a threshold below {largest:.4g}, e.g. "
+                         f"{largest * 0.5:.3g}, keeps at least one node.")
+        else:
+            notes.append(f"the circuit is empty: {over} node(s) exceed --node-threshold {cfg.node_threshold:g} but "
+                         f"none has a path to the metric through edges over --edge-threshold "
+                         f"{cfg.edge_threshold:g}: lower --edge-threshold, or use --no-edges.")
+    return notes
 
 
 def save_effects(path: Path, feats: Mapping[str, Tensor], errs: Mapping[str, Tensor]) -> None:

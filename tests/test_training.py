@@ -258,8 +258,8 @@ def test_built_dictionaries_reload_with_identical_encodings(model, contexts, tmp
         assert torch.equal(load_dictionary(folder).encode(x), loaded[site].encode(x))
     assert read_metadata(folders["resid_0"])["init_from"] is None
     assert read_metadata(folders["resid_1"])["init_from"] == "resid_0"
-    assert not (tmp_path / "activations" / model.name).exists() or not any(
-        (tmp_path / "activations" / model.name).iterdir()
+    assert not (tmp_path / "activations" / model.cache_key).exists() or not any(
+        (tmp_path / "activations" / model.cache_key).iterdir()
     )
 
 
@@ -284,12 +284,12 @@ def test_interrupted_build_resumes_skipping_finished_sites_and_reusing_the_harve
     sites = model.sites(SITES)
     build_dictionaries(model, sites, cfg, 0, contexts=contexts, batch_size=96, keep_activations=True,
                        log=lambda m: None)
-    finished = tmp_path / "dictionaries" / model.name / "resid_0" / "ae.pt"
+    finished = tmp_path / "dictionaries" / model.cache_key / "resid_0" / "ae.pt"
     before = finished.read_bytes()
     # "Interrupt": one site's dictionary is gone, the harvest is complete.
-    for p in (tmp_path / "dictionaries" / model.name / "resid_1").iterdir():
+    for p in (tmp_path / "dictionaries" / model.cache_key / "resid_1").iterdir():
         p.unlink()
-    (tmp_path / "dictionaries" / model.name / "resid_1").rmdir()
+    (tmp_path / "dictionaries" / model.cache_key / "resid_1").rmdir()
 
     def no_model_runs(*args, **kwargs):
         raise AssertionError("the harvest should have been reused")
@@ -299,8 +299,8 @@ def test_interrupted_build_resumes_skipping_finished_sites_and_reusing_the_harve
     build_dictionaries(model, sites, cfg, 0, contexts=contexts, batch_size=96, log=logs.append)
     assert finished.read_bytes() == before
     assert any("resid_0: already built" in m for m in logs)
-    assert read_metadata(tmp_path / "dictionaries" / model.name / "resid_1")["init_from"] == "resid_0"
-    assert (tmp_path / "dictionaries" / model.name / "resid_1" / "ae.pt").exists()
+    assert read_metadata(tmp_path / "dictionaries" / model.cache_key / "resid_1")["init_from"] == "resid_0"
+    assert (tmp_path / "dictionaries" / model.cache_key / "resid_1" / "ae.pt").exists()
 
 
 def test_failed_write_leaves_no_cache_entry(tmp_path):

@@ -296,8 +296,9 @@ def layout_circuit(data: Mapping) -> GraphLayout:
         layout["xaxis"].update(
             tickmode="array",
             tickvals=list(range(len(tokens))),
-            # Plotly reads tick text as a small subset of HTML: escape tokens such as "<b>".
-            ticktext=[html.escape(repr(t)[1:-1] if t.strip() != t or not t else t) for t in tokens],
+            # Plotly reads tick text as a small subset of HTML: escape tokens such as "<b>". Only
+            # <, > and &: plotly does not decode &quot; or &#x27;, which would show literally.
+            ticktext=[_plotly_text(repr(t)[1:-1] if t.strip() != t or not t else t) for t in tokens],
             range=[-0.6, max(len(tokens), 1) - 0.4],
             tickangle=-45 if max((len(t) for t in tokens), default=0) > 6 else 0,
         )
@@ -333,17 +334,23 @@ def _edge_traces(g: GraphLayout, keep: np.ndarray) -> list[go.Scatter]:
     return traces
 
 
+def _plotly_text(text: str) -> str:
+    """``text`` for plotly's HTML-like strings: ``&``, ``<`` and ``>`` escaped, quotes kept (plotly shows
+    an escaped quote as the literal entity)."""
+    return html.escape(text, quote=False)
+
+
 def hover_text(node: Mapping, tokens: list[str] | None = None) -> str:
     """One node's hover text, HTML-escaped for plotly's hover labels."""
     feat = "ε (error)" if node.get("is_error") else node.get("feature")
-    lines = [f"<b>{html.escape(node['id'])}</b>", f"site {html.escape(str(node['site']))}"]
+    lines = [f"<b>{_plotly_text(node['id'])}</b>", f"site {_plotly_text(str(node['site']))}"]
     if node["kind"] != "metric":
-        lines.append(f"feature {html.escape(str(feat))}")
+        lines.append(f"feature {_plotly_text(str(feat))}")
     if node.get("position") is not None:
         tok = tokens[node["position"]] if tokens and node["position"] < len(tokens) else ""
-        lines.append(f"position {node['position']} {html.escape(repr(tok))}")
+        lines.append(f"position {node['position']} {_plotly_text(repr(tok))}")
     if node.get("label"):
-        lines.append(html.escape(str(node["label"])))
+        lines.append(_plotly_text(str(node["label"])))
     lines.append(f"effect {node['effect']:+.4g}")
     if node.get("activation") is not None:
         lines.append(f"activation {node['activation']:.4g}")
@@ -376,6 +383,6 @@ def circuit_figure(circuit: Any, node_threshold: float = 0.0, edge_threshold: fl
     )
     fig = go.Figure(data=[*_edge_traces(g, keep), nodes], layout=g.layout)
     meta = data["metadata"]
-    fig.update_layout(title={"text": html.escape(f"{meta.get('model', '')} · {meta.get('task', '')}"), "x": 0.01})
+    fig.update_layout(title={"text": _plotly_text(f"{meta.get('model', '')} · {meta.get('task', '')}"), "x": 0.01})
     fig.layout.margin.t = 50
     return fig

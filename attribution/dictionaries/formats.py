@@ -124,7 +124,18 @@ def _load_saelens(folder: Path) -> SAE:
     from safetensors.torch import load_file
 
     cfg = _load_json(folder / "cfg.json")
-    state = load_file(str(folder / "sae_weights.safetensors"))
+    weights = folder / "sae_weights.safetensors"
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # SafetensorError: truncated header or data, not a safetensors file
+        raise DictionaryFileError(
+            f"{weights} is corrupt or truncated ({type(exc).__name__}: {str(exc)[:120]}); "
+            "re-download or re-export the dictionary."
+        ) from None
+    missing = [k for k in ("W_enc", "b_enc", "W_dec", "b_dec") if k not in state]
+    if missing:
+        raise DictionaryFileError(f"{weights} has no tensor {missing[0]!r}: it is not an SAELens SAE; "
+                                  "re-export it with SAELens.")
     arch = cfg.get("architecture", "standard")
     act_fn = cfg.get("activation_fn_str") or cfg.get("activation_fn", "relu")
     for key in ("normalize_activations",):
@@ -143,14 +154,50 @@ def _load_saelens(folder: Path) -> SAE:
 
 
 def _load_gemma_scope(path: Path) -> SAE:
-    with np.load(path) as npz:
-        p = {k: torch.from_numpy(npz[k]).float() for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
+    keys = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in keys if k not in npz.files]
+            if missing:
+                raise DictionaryFileError(f"{path} has no array {missing[0]!r}: it is not a Gemma Scope "
+                                          "params.npz; re-download it.")
+            arrays = {k: npz[k] for k in keys}
+    except DictionaryFileError:
+        raise
+    except ValueError as exc:  # object arrays need pickle, which we never allow
+        raise DictionaryFileError(f"{path} holds object arrays, which would need unpickling ({exc}); "
+                                  "it is not a Gemma Scope params.npz: re-download it.") from None
+    except Exception as exc:  # BadZipFile, EOFError, OSError: truncated or not an npz file
+        raise DictionaryFileError(f"{path} is corrupt or truncated ({type(exc).__name__}); "
+                                  "re-download the dictionary.") from None
+    bad = [k for k, a in arrays.items() if a.dtype.kind not in "fiu"]
+    if bad:
+        raise DictionaryFileError(f"{path}: array {bad[0]!r} has dtype {arrays[bad[0]].dtype}, not numbers; "
+                                  "re-download the dictionary.")
+    p = {k: torch.from_numpy(np.asarray(a)).float() for k, a in arrays.items()}
     return SAE(p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"], "jumprelu",
                threshold=p["threshold"], subtract_decoder_bias=False)
 
 
+def _finite(sae: SAE, path: Path) -> SAE:
+    """``sae`` if every weight is finite; else one sentence naming the tensor (a NaN weight would
+    otherwise surface much later as a NaN metric)."""
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+        t = getattr(sae, name, None)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n_bad = int((~torch.isfinite(t)).sum())
+            raise DictionaryFileError(
+                f"The dictionary at {path} has {n_bad} non-finite value(s) (NaN or infinity) in {name}: "
+                "it is corrupt or its training diverged; rebuild or re-download it."
+            )
+    return sae
+
+
 def load_dictionary(path: str | Path) -> Dictionary:
     """Load a dictionary from a folder (or a Gemma Scope ``params.npz``), detecting its layout.
+
+    Corrupt or truncated files and non-finite weights raise :class:`DictionaryFileError`
+    naming the file.
 
     ``"identity:D"`` returns :class:`Identity` of width ``D``.
     """
@@ -160,13 +207,13 @@ def load_dictionary(path: str | Path) -> Dictionary:
     if not path.exists():
         raise DictionaryFileError(f"No dictionary at {path}: build it with `sfc dictionaries build` or fix the path.")
     if path.suffix == ".npz":
-        return _load_gemma_scope(path)
+        return _finite(_load_gemma_scope(path), path)
     if (path / "ae.pt").exists():
-        return _load_dictionary_learning(path)
+        return _finite(_load_dictionary_learning(path), path)
     if (path / "sae_weights.safetensors").exists():
-        return _load_saelens(path)
+        return _finite(_load_saelens(path), path)
     if (path / "params.npz").exists():
-        return _load_gemma_scope(path / "params.npz")
+        return _finite(_load_gemma_scope(path / "params.npz"), path)
     raise DictionaryFileError(
         f"{path} holds no known dictionary layout (ae.pt + config.json, cfg.json + "
         "sae_weights.safetensors, or params.npz)."

@@ -13,7 +13,7 @@ from pathlib import Path
 from attribution.cache import dictionary_cache
 from attribution.dictionaries.formats import load_dictionary, read_metadata
 from attribution.dictionaries.kinds import Dictionary, Identity
-from attribution.dictionaries.store import load_cached_dictionaries
+from attribution.dictionaries.store import check_fingerprint, load_cached_dictionaries
 from attribution.model.wrapper import SFCModel
 
 
@@ -47,7 +47,9 @@ def load_dictionaries(
 
     - ``folder``: one sub-folder per site, in any supported layout
       (:func:`attribution.dictionaries.formats.load_dictionary`); without it, the
-      toolkit's cache for ``model.name`` (built by ``sfc dictionaries build``).
+      toolkit's cache for ``model.cache_key`` (built by ``sfc dictionaries build``).
+      Either way a dictionary whose metadata records another model's
+      fingerprint is refused.
     - ``sites``: the sites to load (default: every one there is).
     - ``neurons``: the paper's neuron baseline: the identity at the same sites,
       so that nodes are neurons.
@@ -66,12 +68,14 @@ def load_dictionaries(
             raise FileNotFoundError(f"No dictionary folder at {root}: give a folder with one sub-folder per site.")
         names = sites or sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         model.sites(names)  # unknown site names fail here, listing the model's sites
+        for name in names:
+            check_fingerprint(root / name, read_metadata(root / name), model, name)
         dicts = {name: load_dictionary(root / name) for name in names}
         ids = {name: str(root / name) for name in names}
     else:
-        root = dictionary_cache(model.name)
+        root = dictionary_cache(model.cache_key)
         dicts = load_cached_dictionaries(model.name, sites, model=model)
-        ids = {name: f"cache:{model.name}/{name}" for name in dicts}
+        ids = {name: f"cache:{model.cache_key}/{name}" for name in dicts}
     folders = {name: root / name for name in dicts}
     by_name = {s.name: s for s in model.all_sites()}
     for name, dic in dicts.items():

@@ -60,6 +60,18 @@ def _build_hint(model_name: str, sites: list[str] | None = None) -> str:
     return f"`sfc dictionaries build --model {model_name}{flag}`"
 
 
+def check_fingerprint(folder: Path, meta: dict, model: SFCModel, site: str) -> None:
+    """Refuse a dictionary whose metadata records another model's fingerprint
+    (:mod:`attribution.model.identity`); dictionaries that record none pass."""
+    recorded = meta.get("model_fingerprint")
+    if recorded is not None and recorded != model.fingerprint:
+        raise DictionaryFileError(
+            f"The dictionary in {folder} was built for another model (fingerprint {recorded[:16]}, "
+            f"this model's is {model.fingerprint[:16]}): a model of the same name or path but different "
+            f"weights; rebuild it with {_build_hint(model.name, [site])}."
+        )
+
+
 def load_cached_dictionaries(
     model_name: str,
     sites: list[str] | None = None,
@@ -70,11 +82,16 @@ def load_cached_dictionaries(
     """The cached dictionaries of ``model_name``, keyed by site name.
 
     ``sites=None`` loads every cached site (for ``smollm2-135m``: the default
-    scope). With ``model`` given, the site names are checked against it and each
-    dictionary's ``d`` against the site's. Raises :class:`DictionaryFileError`
-    naming the fix for a missing, corrupt or foreign dictionary.
+    scope). With ``model`` given, the cache folder is the model's
+    :attr:`~attribution.model.wrapper.SFCModel.cache_key` (its name plus a
+    fingerprint of its weights), the site names are checked against it, each
+    dictionary's ``d`` against the site's, and the fingerprint its metadata
+    records against the model's. Raises :class:`DictionaryFileError` naming the
+    fix for a missing, corrupt or foreign dictionary.
     """
-    root = root or dictionary_cache(model_name)
+    if model is not None:
+        model_name = model.name
+    root = root or dictionary_cache(model.cache_key if model is not None else model_name)
     if model is not None and sites is not None:
         model.sites(sites)  # unknown site names raise here, listing what exists
     if sites is None:
@@ -99,7 +116,9 @@ def load_cached_dictionaries(
     for site in sites:
         folder = root / site
         meta = read_metadata(folder)
-        if meta.get("model") not in (None, model_name):
+        if model is not None and meta.get("model_fingerprint") is not None:
+            check_fingerprint(folder, meta, model, site)
+        elif meta.get("model") not in (None, model_name):
             raise DictionaryFileError(
                 f"The dictionary in {folder} was built for model {meta['model']!r}, not {model_name!r}: "
                 f"rebuild it with {_build_hint(model_name, [site])}."
@@ -124,12 +143,15 @@ def _build_settings(config: TrainConfig, n_tokens: int, corpus: str, dtype: torc
             "warm_start": warm_start}
 
 
-def _is_built(folder: Path, model_name: str, site: Site, settings: dict) -> bool:
-    """Whether ``folder`` holds this site's dictionary from a build with the same ``settings``."""
+def _is_built(folder: Path, model: SFCModel, site: Site, settings: dict) -> bool:
+    """Whether ``folder`` holds this site's dictionary of this model (by fingerprint where recorded,
+    else by name: a copy of the model under another path is the same model) from a build with the
+    same ``settings``."""
     meta = read_metadata(folder)
+    recorded = meta.get("model_fingerprint")
     return (
         (folder / "ae.pt").exists()
-        and meta.get("model") == model_name
+        and (recorded == model.fingerprint if recorded is not None else meta.get("model") == model.name)
         and meta.get("d") == site.d
         and meta.get("build") == settings
     )
@@ -155,6 +177,11 @@ def build_dictionaries(
 ) -> dict[str, Path]:
     """Harvest ``sites`` over about ``n_tokens`` corpus tokens and train one TopK SAE per site.
 
+    ``root`` defaults to the cache folder of the model's
+    :attr:`~attribution.model.wrapper.SFCModel.cache_key` (its fingerprint, not
+    the string that named it), so a model given by a path never writes into its
+    own folder and two different models never share dictionaries; each
+    dictionary records ``model_fingerprint``.
     Sites whose folder already holds a dictionary of this model and ``d`` from a
     build with the same settings (the training config, tokens, corpus and
     harvest dtype and warm start, recorded as ``build`` in its metadata) are skipped; others
@@ -165,12 +192,12 @@ def build_dictionaries(
     of its device). ``contexts [n, ctx_len]`` overrides the corpus (tests use
     it). Returns ``{site: folder}``.
     """
-    root = root or dictionary_cache(model.name)
+    root = root or dictionary_cache(model.cache_key)
     remove_stale_temporaries(root)
     dtype = harvest_dtype or fast_dtype(model.device)
     sha = corpus_sha() if contexts is None else hashlib.sha256(contexts.numpy().tobytes()).hexdigest()[:12]
     settings = _build_settings(config, n_tokens if contexts is None else contexts.numel(), sha, dtype, warm_start)
-    todo = [s for s in sites if not _is_built(root / s.name, model.name, s, settings)]
+    todo = [s for s in sites if not _is_built(root / s.name, model, s, settings)]
     for s in sites:
         if s not in todo:
             log(f"{s.name}: already built in {root / s.name}, skipping.")
@@ -179,7 +206,7 @@ def build_dictionaries(
     if todo:
         if contexts is None:
             contexts = corpus_contexts(model.tokenizer, n_tokens, CTX_LEN, "train")
-        acts_root = activation_cache(model.name)
+        acts_root = activation_cache(model.cache_key)
         remove_stale_temporaries(acts_root)
         # Harvest every requested site (not only those left), so a resumed build reuses it.
         t0 = time.time()
@@ -196,7 +223,7 @@ def build_dictionaries(
             init = load_dictionary(source[1]) if source else None
             sae, stats = train_topk(acts[site.name], config, desc=f"train {site.name}", init=init)
             metadata = {
-                "model": model.name, "site": site.name, "d": site.d, "width": config.width,
+                "model": model.name, "model_fingerprint": model.fingerprint, "site": site.name, "d": site.d, "width": config.width,
                 "k": config.k, "tokens_trained": stats.tokens_trained,
                 "tokens_harvested": int(acts[site.name].shape[0]), "skip_first": SKIP_FIRST,
                 "corpus_sha256": sha, "harvest_dtype": dtype_name(dtype),

@@ -232,6 +232,9 @@ def train_topk(
         raise ValueError(f"Only {n} activations for batch size {config.batch_size}: harvest more tokens.")
     if chunk_rows < config.batch_size:
         raise ValueError(f"chunk_rows={chunk_rows} is smaller than the batch size {config.batch_size}: raise it.")
+    if not (math.isfinite(config.epochs) and config.epochs > 0):
+        raise ValueError(f"epochs={config.epochs} must be a positive number: an SAE trained on no data "
+                         "would be saved as if built.")
     if not 0 < config.k <= config.width:
         raise ValueError(f"k={config.k} must be between 1 and the width {config.width}.")
     if config.norm_cap is not None and not config.norm_cap > 0:
@@ -256,6 +259,10 @@ def train_topk(
     cap = config.norm_cap * float(norms.median()) if config.norm_cap else math.inf
     sample = sample[norms <= cap]
     scale = float(sample.pow(2).sum(-1).mean().sqrt() / math.sqrt(d))
+    if not (math.isfinite(scale) and scale > 0):
+        what = "all zero" if scale == 0 else "not finite (NaN or infinite)"
+        raise ValueError(f"The activations to train on ({desc}) are {what}, so there is nothing for a "
+                         "dictionary to learn: leave this site out (--sites) or check the model's weights.")
     cap /= scale
     sae = TopKSAE(d, config.width, config.k, gen).to(device)
     with torch.no_grad():

@@ -52,7 +52,12 @@ class Batch:
 class SFCModel:
     """An HF causal LM plus everything attribution needs to know about it."""
 
-    def __init__(self, hf_model: torch.nn.Module, tokenizer=None, name: str | None = None) -> None:
+    def __init__(
+        self, hf_model: torch.nn.Module, tokenizer=None, name: str | None = None, *,
+        fingerprint: str | None = None, cache_key: str | None = None,
+    ) -> None:
+        """``fingerprint`` and ``cache_key`` (see :mod:`attribution.model.identity`) are
+        computed from the weights when first needed unless given."""
         architecture_of(hf_model)  # fail early, naming the supported families
         self.hf = hf_model.eval()
         for p in self.hf.parameters():
@@ -60,6 +65,26 @@ class SFCModel:
         self.nn = NNsight(self.hf)
         self.tokenizer = tokenizer
         self.name = name or getattr(hf_model.config, "_name_or_path", None) or hf_model.config.model_type
+        self._fingerprint = fingerprint
+        self._cache_key = cache_key
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the config and weights: the model's identity (computed once, on first use)."""
+        if self._fingerprint is None:
+            from attribution.model.identity import fingerprint
+
+            self._fingerprint = fingerprint(self.hf)
+        return self._fingerprint
+
+    @property
+    def cache_key(self) -> str:
+        """The model's folder name under the dictionary and activation caches."""
+        if self._cache_key is None:
+            from attribution.model.identity import EMBEDDED, cache_key
+
+            self._cache_key = cache_key(self.name, None if self.name == EMBEDDED else self.fingerprint)
+        return self._cache_key
 
     @property
     def config(self):

@@ -36,13 +36,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _oserror_sentence(exc: OSError) -> str:
+    """One sentence for an operating-system error: what failed on which path, and the fix."""
+    where = f" {exc.filename}" if exc.filename else ""
+    if isinstance(exc, PermissionError):
+        return (f"permission denied on{where}: check its permissions (ls -l), or choose a path you can "
+                "read and write.")
+    return f"{exc.strerror or exc}{(' on' + where) if where else ''}: check the path and the free disk space."
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input exits 2 with one line ``sfc <cmd>: error: <sentence>``; an
+    interrupt (Ctrl-C) exits 130 with one line; no traceback reaches the user for either."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as exc:
         print(f"sfc {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # permissions, a full disk, a read-only file system
+        print(f"sfc {args.command}: error: {_oserror_sentence(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        note = getattr(args, "interrupt_note", None) or "nothing already written was changed."
+        print(f"sfc {args.command}: interrupted: {note}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -57,7 +57,9 @@ def _default_sites(model_name: str, model) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from attribution.model.loading import load_model
+    from sfc.cli.checks import check_dictionary_args
 
+    check_dictionary_args(args)  # before the model loads
     model = load_model(args.model, device=args.device)
     names = args.sites or _default_sites(args.model, model)
     sites = model.sites(names)  # unknown names raise one sentence listing what exists
@@ -71,9 +73,11 @@ def _build(args: argparse.Namespace, model, sites) -> int:
 
     from attribution.dictionaries.store import build_dictionaries
     from attribution.dictionaries.training import TrainConfig
+    from sfc.cli.checks import check_training_memory
 
     chosen = {"width": args.width, "k": args.k, "epochs": args.epochs}
     config = TrainConfig(**{name: v for name, v in chosen.items() if v is not None}, device=args.device)
+    check_training_memory(config.width, max(s.d for s in sites), args.device)
     if config.k > 64:
         print(f"note: k={config.k} gives circuits with more than 64 active features per token.", file=sys.stderr)
     start = time.time()
@@ -93,7 +97,7 @@ def _report(args: argparse.Namespace, model, names: list[str]) -> int:
     if args.tokens < 2048:
         raise ValueError(f"--tokens {args.tokens} is too few for a stable CE estimate: use at least 2048.")
     dictionaries = load_cached_dictionaries(model.name, names, model=model)
-    metadata = {n: read_metadata(dictionary_cache(model.name) / n) for n in names}
+    metadata = {n: read_metadata(dictionary_cache(model.cache_key) / n) for n in names}
     rows = evaluate_dictionaries(model, dictionaries, args.tokens, metadata=metadata)
     if args.json:
         print(json.dumps({"model": model.name, "held_out_tokens": rows[0]["tokens"] if rows else 0,

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from sfc.cli.outputs import staged
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("discover", help="discover, evaluate and save a sparse feature circuit")
@@ -33,7 +35,7 @@ def add_parser(sub) -> None:
     from sfc.dashboards_job import add_dashboard_arguments
 
     add_dashboard_arguments(p, switch=True)  # --no-dashboards, --corpus, --dashboard-tokens
-    p.set_defaults(func=run)
+    p.set_defaults(func=staged(run))  # writes into a temporary folder that replaces --out at the end
 
 
 def _validate(args) -> None:
@@ -48,15 +50,16 @@ def _validate(args) -> None:
         raise ValueError("--examples and --test must be at least 1.")
     if args.steps < 1:
         raise ValueError("--steps must be at least 1.")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder: choose another path.")
+    from sfc.cli.checks import check_discover_args
+
+    check_discover_args(args)  # device, model, --out writable, --start-layer sign
 
 
 def run(args) -> int:
     _validate(args)  # before any model work
     from ablation.config import AblationConfig
     from attribution.dictionaries.sets import load_dictionaries
+    from sfc.cli.checks import check_start_layer
     from sfc.cli.common import load_task, open_model
     from sfc.pipeline import DiscoverConfig, discover, write_outputs
     from viz import render_html
@@ -71,11 +74,12 @@ def run(args) -> int:
         top_k=args.top_k, edges=not args.no_edges, seed=args.seed,
         ablation=AblationConfig(start_layer=start_layer),
     )
-    out = Path(args.out)
+    out = Path(args.staged_out)  # see sfc.cli.outputs.staged
     runs = [("features", False, out)] + ([("neurons", True, out / "neurons")] if args.neurons else [])
     summary = {}
     for label, neurons, folder in runs:
         dicts = load_dictionaries(model, args.dictionaries, sites=args.sites, neurons=neurons)
+        check_start_layer(model, dicts, start_layer, args.start_layer is not None)
         print(f"[sfc] {label}: {len(dicts)} sites, task {task.name}, {len(task.train)} pairs", file=sys.stderr)
         result = discover(model, dicts, task, cfg)
         result.circuit.metadata.extra.update({"neurons": neurons, "task_source": args.task})
@@ -87,9 +91,11 @@ def run(args) -> int:
         write_outputs(folder, result)
         render_html(result.circuit, folder / "circuit.html")
         summary[label] = result.metrics
+        for note in result.metrics.get("notes", []):
+            print(f"[sfc] {label}: note: {note}", file=sys.stderr)
         print(f"[sfc] {label}: {result.metrics['n_nodes']} nodes, {result.metrics['n_edges']} edges, "
               f"faithfulness {result.metrics['faithfulness']:.3f}, completeness "
-              f"{result.metrics['completeness']:.3f} -> {folder}", file=sys.stderr)
+              f"{result.metrics['completeness']:.3f} -> {Path(args.out) / folder.relative_to(out)}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary["features"] if len(summary) == 1 else summary, indent=2))
     return 0

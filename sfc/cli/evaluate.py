@@ -20,13 +20,13 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ablation.config import AblationConfig
     from attribution.dictionaries.sets import load_dictionaries
-    from circuits.graph import Circuit
+    from circuits.graph import Circuit, check_widths
+    from sfc.cli.checks import check_device_flag, check_readable
     from sfc.cli.common import check_task_name, load_task, open_model
     from sfc.pipeline import DiscoverConfig, evaluate, load_effects, sweep_curve
 
-    path = Path(args.circuit)
-    if not path.exists():
-        raise FileNotFoundError(f"No circuit at {path}: run `sfc discover ... --out DIR` first.")
+    path = check_readable(args.circuit, "circuit file", "run `sfc discover ... --out DIR` first")
+    check_device_flag(args.device)
     circuit = Circuit.load(path)  # validates the schema before any model work
     md = circuit.metadata
     effects_path = path.parent / "effects.npz"
@@ -43,6 +43,7 @@ def run(args) -> int:
         first = next(iter(md.dictionaries.values()))
         folder = None if first.startswith("cache:") else str(Path(first).parent)
     dicts = load_dictionaries(model, folder, sites=list(md.sites), neurons=neurons)
+    check_widths(circuit, {site: d.width for site, d in dicts.items()}, str(path))  # before any evaluation
     cfg = DiscoverConfig(n_test=int(md.extra.get("n_test", 40)), aggregation=md.aggregation,
                          ablation=AblationConfig(start_layer=int(md.extra.get("start_layer", -1))))
     task = load_task(task_name, model, 0, cfg.n_test, int(md.extra.get("seed", 0)))  # the test split only

@@ -54,12 +54,13 @@ def _read_dashboards(path: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sfc.cli.checks import check_readable, check_writable
     from sfc.cli.dashboards import compute_for_circuit, load_circuit_file
     from viz.dashboards import circuit_feature_keys
     from viz.html import render_html
     from viz.labels import read_labels_file, set_labels
 
-    path = Path(args.circuit)
+    path = Path(check_readable(args.circuit, "circuit file"))
     circuit = load_circuit_file(path)
     labels = None
     if args.labels:  # checked before any model work
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     dashboards = None
     if args.dashboards and args.dashboards != "auto":
         dashboards = _read_dashboards(Path(args.dashboards))
-    out = Path(args.out) if args.out else path.with_suffix(".html")
+    out = check_writable(Path(args.out) if args.out else path.with_suffix(".html"), "--out", is_file=True)
     if args.dashboards == "auto":
         compute_for_circuit(circuit, args)  # attaches dashboards and automatic labels to the circuit
     if labels is not None:
