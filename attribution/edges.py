@@ -151,8 +151,8 @@ def _seeds(x: Tensor, dic: Dictionary, grad: Tensor, nodes: Tensor) -> Tensor:
         if is_err.any():
             e = is_err.nonzero()[:, 0]
             a = g[e]  # A = ∇_ε m; seed = A (I - ∂x_hat/∂x)^T = A - W_enc (1[f≠0] ⊙ W_dec A)
-            back = (a @ dic.W_dec.T) * active[inverse[e]]
-            seed[e] = a - back @ dic.W_enc.T
+            back = dic.feature_grads(a) * active[inverse[e]]
+            seed[e] = a - back @ dic.W_enc.T.to(back.dtype)
         return seed
     # Any other dictionary: one local backward, each node on its own copy of its row.
     rows = x[nodes[:, 0], nodes[:, 1]].detach().clone().requires_grad_()
@@ -300,7 +300,7 @@ def edge_effects(
         g = wide(g)
         dic = dictionaries[name]
         result.to_metric[name] = (
-            (g @ dic.W_dec.T) * effects.delta_features[name], (g * effects.delta_errors[name]).sum(-1)
+            dic.feature_grads(g) * effects.delta_features[name], (g * effects.delta_errors[name]).sum(-1)
         )
 
     changed: dict[str, list[_Changed]] = {}

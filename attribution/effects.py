@@ -159,21 +159,22 @@ def _states(
     for site in sites:
         dic = dictionaries[site.name]
         xc = wide(run_c.acts[site.name].detach())
-        fc = dic.encode(xc)
-        ec = xc - dic.decode(fc)
+        # States and deltas are float32 whatever the model's and the dictionary's dtypes.
+        fc = wide(dic.encode(xc))
+        ec = xc - wide(dic.decode(fc))
         if run_p is not None:
             xp = wide(run_p.acts[site.name])
-            fp = dic.encode(xp)
-            ep = xp - dic.decode(fp)
+            fp = wide(dic.encode(xp))
+            ep = xp - wide(dic.decode(fp))
         elif ablation == "zero":
             fp, ep = torch.zeros_like(fc), torch.zeros_like(ec)
-            xp = dic.decode(fp) + ep
+            xp = wide(dic.decode(fp)) + ep
         else:  # position-wise mean over the real tokens of the batch
             w = mask.to(device=fc.device, dtype=fc.dtype)
             denom = w.sum(0).clamp(min=1)
             fp = ((fc * w).sum(0) / denom).expand_as(fc)
             ep = ((ec * w).sum(0) / denom).expand_as(ec)
-            xp = dic.decode(fp) + ep
+            xp = wide(dic.decode(fp)) + ep
         # Padding positions carry no node: their deltas are zero by definition.
         x_c[site.name], x_p[site.name], f_c[site.name] = xc, xp, fc
         m = mask.to(device=fc.device, dtype=fc.dtype)  # each site may live on its own device
@@ -191,7 +192,7 @@ def project_effects(
     ``grad [b, s, d]`` is ∇_x m at the site; features get ``(grad · W_dec[j]) Δf_j``
     (``[b, s, F]``), the error node gets ``grad · Δe`` (``[b, s]``).
     """
-    feature_grads = grad @ dictionary.W_dec.T
+    feature_grads = dictionary.feature_grads(grad)
     return feature_grads * delta_f, (grad * delta_e).sum(-1)
 
 

@@ -83,6 +83,9 @@ def run(
             if site.name in replace:
                 new = replace[site.name]
                 new = new(x) if callable(new) else new
+                # Values computed in float32 (IG paths, patches, SAE splices) are written
+                # back in the model's dtype; the cast passes gradients to the float32 value.
+                new = new.to(x.dtype)
             elif mode == "total":
                 # A leaf where nothing upstream requires grad; otherwise a copy that
                 # stays in the graph, so gradients pass straight through the site.
@@ -100,7 +103,9 @@ def run(
                     envoy.output = new
         if metric is not None:
             logits = model.nn.output.logits
-            out.metric = metric(logits, rows)
+            value = metric(logits, rows)
+            # A half-precision model's metric is read in float32 (effects are accumulated there).
+            out.metric = value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
     if out.metric is not None:
         _check_metric(out.metric, len(batch))
     return out
