@@ -51,7 +51,10 @@ class NodeEffects:
       ``[b, s, d]``: patch state minus clean state;
     - ``clean_features[site]``: ``[b, s, F]``, clean feature activations;
     - ``mask``: ``[b, s]``, 1 for real tokens, 0 for padding (effects are 0 there);
-    - ``metric_clean`` ``[b]`` and ``metric_patch`` ``[b]`` (``None`` for ablations).
+    - ``metric_clean`` ``[b]`` and ``metric_patch`` ``[b]`` (``None`` for ablations);
+    - ``step_grads[site]``: ``[steps, b, s, d]``, the gradient at each IG point
+      (``alphas`` in ``info``), kept only with ``keep_step_grads=True``; IG edges
+      (``edge_method="ig"``) pair it with the Jacobian at the same point.
     """
 
     sites: list[Site]
@@ -66,6 +69,7 @@ class NodeEffects:
     metric_clean: Tensor
     metric_patch: Tensor | None = None
     info: dict = field(default_factory=dict)
+    step_grads: dict[str, Tensor] | None = None
 
     @property
     def total_effect(self) -> Tensor | None:
@@ -229,7 +233,7 @@ def ig_alphas(steps: int, points: IGPoints) -> Tensor:
 def integrated_gradients(
     model: SFCModel, sites: list[Site], clean: Batch, st: _States, metric: tracing.Metric,
     steps: int = 10, points: IGPoints = "paper", max_rows: int = 1024, progress: bool = True,
-    positions: tracing.MetricPositions = "all",
+    positions: tracing.MetricPositions = "all", step_grads: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Eq. 4: the mean gradient along the straight path from clean to patch state
     of one site at a time (other sites keep the model's own values).
@@ -237,7 +241,8 @@ def integrated_gradients(
     The path of the site's nodes maps to the path of its activation,
     ``x(w) = x_clean + w (x_patch − x_clean)``, since ``decode`` is affine; all
     ``steps`` points run as one batch of ``steps · b`` rows (chunked to
-    ``max_rows``). Returns the mean gradient ``grads[site] [b, s, d]``.
+    ``max_rows``). Returns the mean gradient ``grads[site] [b, s, d]``; when
+    ``step_grads`` is a dict, it also receives each point's gradient ``[steps, b, s, d]``.
     """
     b = len(clean)
     weights = ig_alphas(steps, points)
@@ -248,6 +253,7 @@ def integrated_gradients(
         xc, xp = st.x_clean[site.name], st.x_patch[site.name]
         total = torch.zeros_like(xc)
         weights = weights.to(xc.device)
+        kept = torch.empty(steps, *xc.shape, dtype=xc.dtype, device=xc.device) if step_grads is not None else None
         for start in range(0, steps, per_pass):
             w = weights[start : start + per_pass]
             n = len(w)
@@ -258,7 +264,11 @@ def integrated_gradients(
                              positions=positions)
             (g,) = torch.autograd.grad(tr.metric.sum(), [path])
             total += g.reshape(n, *xc.shape).sum(0)
+            if kept is not None:
+                kept[start : start + n] = g.reshape(n, *xc.shape)
         grads[site.name] = total / steps
+        if kept is not None:
+            step_grads[site.name] = kept
     return grads
 
 
@@ -320,6 +330,7 @@ def node_effects(
     max_rows: int = 1024,
     metric_positions: tracing.MetricPositions = "all",
     progress: bool = True,
+    keep_step_grads: bool = False,
 ) -> NodeEffects:
     """Indirect effects of every feature and error node at ``sites`` on ``metric``.
 
@@ -330,7 +341,9 @@ def node_effects(
     ``exact`` (Eq. 2). ``metric(logits, rows) -> [n]``, see
     :data:`attribution.model.tracing.Metric`; with ``metric_positions="last"`` it
     receives the last position's logits only (``[n, 1, vocab]``), which is much
-    cheaper for large vocabularies.
+    cheaper for large vocabularies. ``keep_step_grads`` (``ig`` only) keeps the
+    gradient at every IG point (``steps`` times the memory of ``grads``) for IG
+    edges, :func:`attribution.edges.edge_effects` with ``edge_method="ig"``.
     """
     if sites is None:
         sites = [s for s in model.all_sites() if s.name in dictionaries]
@@ -357,6 +370,7 @@ def node_effects(
     st = _states(model, sites, dictionaries, clean_b, patch_b, metric, ablation, pos, clean_run)
 
     grads: dict[str, Tensor | None]
+    step_grads: dict[str, Tensor] | None = {} if keep_step_grads and method == "ig" else None
     if method == "exact":
         feats, errs = exact_patching(model, sites, dictionaries, clean_b, st, metric, progress=progress,
                                      positions=pos)
@@ -367,7 +381,7 @@ def node_effects(
         else:
             grads = integrated_gradients(
                 model, sites, clean_b, st, metric, steps=steps, points=ig_points,
-                max_rows=max_rows, progress=progress, positions=pos,
+                max_rows=max_rows, progress=progress, positions=pos, step_grads=step_grads,
             )
         feats, errs = {}, {}
         for site in sites:
@@ -380,4 +394,5 @@ def node_effects(
         mask=clean_b.attention_mask, metric_clean=st.metric_clean, metric_patch=st.metric_patch,
         info={"steps": steps, "ig_points": ig_points, "ablation": None if patch is not None else ablation,
               "metric_positions": metric_positions},
+        step_grads=step_grads,
     )

@@ -36,7 +36,7 @@ from attribution.edges import edge_effects
 from attribution.effects import node_effects
 from attribution.metrics import logit_diff
 from attribution.model.wrapper import Batch, SFCModel
-from attribution.options import Aggregation, Method
+from attribution.options import Aggregation, EdgeMethod, Method
 from circuits.build import build_circuit, circuit_masks
 from circuits.graph import Circuit
 from circuits.tasks import Example, TaskData, answer_ids
@@ -57,6 +57,7 @@ class DiscoverConfig:
     top_k: int | None = None
     ablation: AblationConfig = field(default_factory=AblationConfig)
     edges: bool = True
+    edge_method: EdgeMethod = "attrib"
     seed: int = 0
 
 
@@ -130,6 +131,7 @@ def discover(
     effects = node_effects(
         model, dict(dictionaries), clean, patch, metric, sites=sites, method=cfg.method, steps=cfg.steps,
         metric_positions="last", progress=progress,
+        keep_step_grads=cfg.edges and cfg.edge_method == "ig" and cfg.method == "ig",
     )
     timings["nodes_s"] = time.perf_counter() - t0
     edges = None
@@ -138,7 +140,7 @@ def discover(
         edges = edge_effects(
             model, dict(dictionaries), clean, effects, metric, node_threshold=cfg.node_threshold,
             selection="position" if cfg.aggregation == "none" else "aggregate", aggregation=cfg.aggregation,
-            progress=progress,
+            edge_method=cfg.edge_method, progress=progress,
         )
         timings["edges_s"] = time.perf_counter() - t0
     tokens = model.token_strings(clean.input_ids[0]) if cfg.aggregation == "none" else None
@@ -154,7 +156,7 @@ def discover(
     timings["evaluate_s"] = time.perf_counter() - t0
     n_circuit_nodes = sum(1 for n in circuit.nodes if n.id != "y")
     metrics = {
-        "task": task.name, "model": model.name, "method": cfg.method, "aggregation": cfg.aggregation,
+        "task": task.name, "model": model.name, "method": cfg.method, "edge_method": cfg.edge_method, "aggregation": cfg.aggregation,
         "node_threshold": cfg.node_threshold, "edge_threshold": cfg.edge_threshold, "top_k": cfg.top_k,
         "n_examples": len(train), "n_test": len(test), "start_layer": cfg.ablation.start_layer,
         "faithfulness": scores["faithfulness"], "completeness": scores["completeness"],

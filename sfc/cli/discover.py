@@ -19,6 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("--sites", nargs="*", default=None, help="sites to use (default: all dictionaries)")
     p.add_argument("--method", choices=["ig", "attrib"], default="ig")
     p.add_argument("--steps", type=int, default=10, help="integrated-gradients steps")
+    p.add_argument("--edge-method", choices=["attrib", "ig"], default="attrib",
+                   help="attrib: the paper's Eq. 5 (default); ig: Jacobian integrated along the IG path")
     p.add_argument("--aggregation", choices=["none", "sum"], default="none")
     p.add_argument("--node-threshold", type=float, default=0.1)
     p.add_argument("--edge-threshold", type=float, default=0.01)
@@ -65,7 +67,7 @@ def run(args) -> int:
     cfg = DiscoverConfig(
         n_examples=args.examples, n_test=args.test, method=args.method, steps=args.steps,
         aggregation=args.aggregation, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
-        top_k=args.top_k, edges=not args.no_edges, seed=args.seed,
+        top_k=args.top_k, edges=not args.no_edges, edge_method=args.edge_method, seed=args.seed,
         ablation=AblationConfig(start_layer=start_layer),
     )
     out = Path(args.out)
