@@ -34,6 +34,7 @@ from attribution.cache import atomic_write_bytes
 from attribution.dictionaries.kinds import Dictionary
 from attribution.edges import edge_effects
 from attribution.effects import node_effects
+from attribution.estimate import Estimate, check_fits, estimate
 from attribution.metrics import logit_diff
 from attribution.model.wrapper import Batch, SFCModel
 from attribution.options import Aggregation, EdgeMethod, Method
@@ -59,6 +60,7 @@ class DiscoverConfig:
     edges: bool = True
     edge_method: EdgeMethod = "attrib"
     seed: int = 0
+    check_memory: bool = True
 
 
 @dataclass
@@ -102,6 +104,22 @@ def evaluate(
             "m_complement": res.m_complement}
 
 
+def estimate_discover(
+    model: SFCModel, dictionaries: Mapping[str, Dictionary], task: TaskData, cfg: DiscoverConfig,
+    *, timing: bool = True,
+) -> Estimate:
+    """The predicted time and peak memory of :func:`discover`'s nodes and edges with ``cfg``
+    (see :func:`attribution.estimate.estimate`), without running them."""
+    clean, patch, clean_ids, patch_ids = _pairs(model, task.train[: cfg.n_examples])
+    sites = [s for s in model.all_sites() if s.name in dictionaries]
+    return estimate(
+        model, dict(dictionaries), clean, patch, logit_diff(patch_ids, clean_ids), sites=sites, method=cfg.method,
+        steps=cfg.steps, edges=cfg.edges, edge_method=cfg.edge_method, node_threshold=cfg.node_threshold,
+        selection="position" if cfg.aggregation == "none" else "aggregate", aggregation=cfg.aggregation,
+        metric_positions="last", timing=timing,
+    )
+
+
 def discover(
     model: SFCModel,
     dictionaries: Mapping[str, Dictionary],
@@ -114,7 +132,9 @@ def discover(
     """Discover and evaluate a circuit for ``task`` (see the module docstring).
 
     ``dictionary_ids`` (where each dictionary came from) default to those of a
-    :class:`~attribution.dictionaries.sets.DictionarySet`.
+    :class:`~attribution.dictionaries.sets.DictionarySet`. With ``cfg.check_memory``
+    a memory estimate runs first, and a job that would not fit stops with a
+    ``ValueError`` naming the option to change, before any heavy work.
     """
     if dictionary_ids is None:
         dictionary_ids = getattr(dictionaries, "ids", None)
@@ -124,6 +144,10 @@ def discover(
     if not test:
         raise ValueError(f"Task {task.name!r} has no test examples: faithfulness is measured on the test split.")
     _pairs(model, test)  # validate before any heavy work
+    predicted = None
+    if cfg.check_memory:
+        predicted = estimate_discover(model, dictionaries, task, cfg, timing=False)
+        check_fits(predicted)
     sites = [s for s in model.all_sites() if s.name in dictionaries]
     metric = logit_diff(patch_ids, clean_ids)
     timings = {}
@@ -166,6 +190,8 @@ def discover(
         "task_accuracy_test": task_accuracy(model, test),
         "evaluation": scores, "timings": {k: round(v, 2) for k, v in timings.items()},
     }
+    if predicted is not None:
+        metrics["predicted_peak_mb"] = round(predicted.peak_mb, 1)
     feats, errs = effects.aggregate(cfg.aggregation)
     return DiscoverResult(circuit, metrics, feats, errs)
 
@@ -213,5 +239,5 @@ def write_outputs(out: Path, result: DiscoverResult) -> None:
     save_effects(out / "effects.npz", result.effects_features, result.effects_errors)
 
 
-__all__ = ["DiscoverConfig", "DiscoverResult", "discover", "evaluate", "sweep_curve", "write_outputs",
+__all__ = ["DiscoverConfig", "DiscoverResult", "discover", "estimate_discover", "evaluate", "sweep_curve", "write_outputs",
            "load_effects", "save_effects", "task_accuracy"]

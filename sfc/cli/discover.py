@@ -32,6 +32,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print metrics.json to stdout")
+    p.add_argument("--estimate", action="store_true", help="print the predicted time and peak memory, run nothing")
     p.set_defaults(func=run)
 
 
@@ -57,7 +58,7 @@ def run(args) -> int:
     from ablation.config import AblationConfig
     from attribution.dictionaries.sets import load_dictionaries
     from sfc.cli.common import load_task, open_model
-    from sfc.pipeline import DiscoverConfig, discover, write_outputs
+    from sfc.pipeline import DiscoverConfig, discover, estimate_discover, write_outputs
     from viz import render_html
 
     t0 = time.perf_counter()
@@ -76,6 +77,11 @@ def run(args) -> int:
     for label, neurons, folder in runs:
         dicts = load_dictionaries(model, args.dictionaries, sites=args.sites, neurons=neurons)
         print(f"[sfc] {label}: {len(dicts)} sites, task {task.name}, {len(task.train)} pairs", file=sys.stderr)
+        if args.estimate:
+            est = estimate_discover(model, dicts, task, cfg)
+            print(est.summary(), file=sys.stderr)
+            summary[label] = est.to_dict()
+            continue
         result = discover(model, dicts, task, cfg)
         result.circuit.metadata.extra.update({"neurons": neurons, "task_source": args.task})
         result.metrics["wall_time_s"] = round(time.perf_counter() - t0, 1)
@@ -85,6 +91,6 @@ def run(args) -> int:
         print(f"[sfc] {label}: {result.metrics['n_nodes']} nodes, {result.metrics['n_edges']} edges, "
               f"faithfulness {result.metrics['faithfulness']:.3f}, completeness "
               f"{result.metrics['completeness']:.3f} -> {folder}", file=sys.stderr)
-    if args.json:
+    if args.json or args.estimate:
         print(json.dumps(summary["features"] if len(summary) == 1 else summary, indent=2))
     return 0
