@@ -37,6 +37,7 @@ ever zeroed before it is read (the reference implementation's ordering bug).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -106,6 +107,9 @@ class EdgeEffects:
     position_local: dict[str, bool] = field(default_factory=dict)
     method: EdgeMethod = "attrib"
     steps: int = 1
+    timings: dict[str, float] = field(default_factory=lambda: {"vjp_s": 0.0, "per_node_s": 0.0})
+    """Seconds in the batched VJPs (grows with the slots) and in the per-node work (seeds and
+    edge weights; grows with the selected nodes); the cost estimate reads them."""
 
 
 def select_downstream(
@@ -388,6 +392,7 @@ def edge_effects(
         nodes = selected[down.name].nonzero()  # [n, 3] (example, position, node)
         n = len(nodes)
         result.n_selected[down.name] = n
+        t_node = time.perf_counter()
         if n_pts == 1:
             seeds = _seeds(x_d, dictionaries[down.name], effects.grads[down.name], nodes)[None]  # [1, n, d]
         else:
@@ -399,6 +404,7 @@ def edge_effects(
             at_points = nodes.repeat(n_pts, 1)
             at_points[:, 0] += (torch.arange(n_pts, device=nodes.device) * b).repeat_interleave(n)
             seeds = _seeds(x_d, dictionaries[down.name], g_down, at_points).reshape(n_pts, n, -1) / n_pts
+        result.timings["per_node_s"] += time.perf_counter() - t_node
         # Slot i of the batched backward carries the i-th selected node of every example,
         # or of every (example, position) when the site's Jacobian keeps positions apart;
         # for IG, the node's rows at every point ride in the same slot.
@@ -418,10 +424,13 @@ def edge_effects(
             sl = (slot[in_chunk] - start)[None].expand(n_pts, -1)  # [N, n_c]
             run_rows = pts + nd[:, 0][None]  # [N, n_c]
             seed[sl, run_rows, nd[:, 1][None].expand(n_pts, -1)] = seeds[:, in_chunk].to(x_d.dtype)
+            t_vjp = time.perf_counter()
             grads = torch.autograd.grad(
                 x_d, [leaves[u.name] for u in ups], grad_outputs=seed,
                 is_grads_batched=True, retain_graph=True, allow_unused=True,
             )
+            t_node = time.perf_counter()
+            result.timings["vjp_s"] += t_node - t_vjp
             result.n_backward_slots += stop - start
             for up, G in zip(ups, grads):  # noqa: N806
                 if G is None:
@@ -440,6 +449,7 @@ def edge_effects(
                 r = in_chunk[idx[0]]
                 acc_idx[up.name].append(torch.stack([nodes[r, 0], nodes[r, 1], nodes[r, 2], idx[1], idx[2]]))
                 acc_w[up.name].append(w)
+            result.timings["per_node_s"] += time.perf_counter() - t_node
             bar.update(len(in_chunk))
         for up in ups:
             if acc_idx[up.name]:

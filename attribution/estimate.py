@@ -9,8 +9,9 @@ of edges from
   whole batch (one forward and backward; it also says how many downstream nodes
   the node threshold will select, using attribution-patching effects as the
   stand-in for the final ones), one IG chunk at the middle site (1/``n_sites`` of
-  the IG work), and the slot VJPs of the edges for one and for four slots per
-  downstream site (so the per-slot cost and the fixed cost separate).
+  the IG work), and the edges with one backward slot per downstream site, whose
+  fixed cost, VJP time (scaled by the slots) and per-node time (scaled by the
+  selected nodes) give the edge time.
 
 Memory is counted as the memory held before the run (the model and the
 dictionaries, and on the CPU the Python runtime: the process's resident set)
@@ -285,7 +286,6 @@ def estimate(
         n_pts = steps if edge_method == "ig" else 1
         frozen = row_graph * b * n_pts
         slots = {}
-        local: dict[str, bool] = {}
         if any(m.any() for m in selected.values()) and not timing:
             # Memory only: no edge pass. Slots as if no site kept positions apart (an upper
             # bound), edges as every selected node times the changed nodes of three sites above.
@@ -296,30 +296,26 @@ def estimate(
                           for i, st in enumerate(sites))
             details |= {"slots": sum(slots.values()), "edges_predicted": int(n_edges)}
         elif any(m.any() for m in selected.values()):
-            # Calibration 3: the slot VJPs with one slot per site, then two where a site needs more.
-            kw = dict(edge_method=edge_method, steps=steps if edge_method == "ig" else None,
-                      memory_budget_mb=memory_budget_mb, progress=False)
-            runs = []
-            for k in (1, 2):
-                limited = _limit_slots(selected, k)
-                _sync(device)
-                t0 = time.perf_counter()
-                res = edge_effects(model, dictionaries, batch, atp, metric, downstream=limited, **kw)
-                _sync(device)
-                runs.append((time.perf_counter() - t0, res.n_backward_slots,
-                             sum(e.weight.numel() for e in res.pairs.values())))
-                local = res.position_local
-                slots = {name: _slot_counts(selected[name], local.get(name, False)) for name in local}
-                if k == 1 and sum(slots.values()) <= res.n_backward_slots:
-                    break  # one slot per site is the whole job
-            (t1, slots1, _), (t2, slots2, edges2) = runs[0], runs[-1]
+            # Calibration 3: the edges with one slot per downstream site. Their time splits into a
+            # fixed part, the VJPs (which grow with the slots) and the per-node work (which grows
+            # with the selected nodes); edge_effects times the last two.
+            _sync(device)
+            t0 = time.perf_counter()
+            res = edge_effects(model, dictionaries, batch, atp, metric, downstream=_limit_slots(selected, 1),
+                               edge_method=edge_method, steps=steps if edge_method == "ig" else None,
+                               memory_budget_mb=memory_budget_mb, progress=False)
+            _sync(device)
+            t1 = time.perf_counter() - t0
+            slots = {name: _slot_counts(selected[name], res.position_local.get(name, False))
+                     for name in res.position_local}
             total = sum(slots.values())
-            per_slot = (t2 - t1) / (slots2 - slots1) if slots2 > slots1 else 0.0
-            per_slot = max(per_slot, 0.0)
-            edges_s = t1 + per_slot * max(0, total - slots1)
-            n_edges = edges2 * total / max(1, slots2)
-            details |= {"slots": total, "edge_calibration_s": round(sum(r[0] for r in runs), 3),
-                        "edges_predicted": int(n_edges)}
+            nodes_all = sum(int(selected[name].sum()) for name in res.position_local)
+            nodes1 = max(1, sum(res.n_selected.values()))
+            vjp, per_node = res.timings["vjp_s"], res.timings["per_node_s"]
+            fixed = max(0.0, t1 - vjp - per_node)
+            edges_s = fixed + vjp * total / max(1, res.n_backward_slots) + per_node * nodes_all / nodes1
+            n_edges = sum(e.weight.numel() for e in res.pairs.values()) * nodes_all / nodes1
+            details |= {"slots": total, "edge_calibration_s": round(t1, 3), "edges_predicted": int(n_edges)}
         else:
             n_edges = 0
         # One chunk of slots, as edge_effects sizes it, over the widest site.
