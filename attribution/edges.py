@@ -442,9 +442,11 @@ def edge_effects(
                 if local:  # a slot holds nodes at other positions too: keep each node's own
                     Gn = Gn * (torch.arange(s, device=Gn.device)[None, :] == nd[:, 1:2])[..., None]  # noqa: N806
                 if up.name not in changed:
+                    t_fixed = time.perf_counter()
                     changed[up.name] = _changed_nodes(
                         effects.delta_features[up.name], effects.delta_errors[up.name], dictionaries[up.name]
                     )
+                    t_node += time.perf_counter() - t_fixed  # once per upstream site: not per node
                 idx, w = _upstream_weights(Gn, nd[:, 0], changed[up.name], dictionaries[up.name].width)
                 r = in_chunk[idx[0]]
                 acc_idx[up.name].append(torch.stack([nodes[r, 0], nodes[r, 1], nodes[r, 2], idx[1], idx[2]]))

@@ -9,9 +9,9 @@ of edges from
   whole batch (one forward and backward; it also says how many downstream nodes
   the node threshold will select, using attribution-patching effects as the
   stand-in for the final ones), one IG chunk at the middle site (1/``n_sites`` of
-  the IG work), and the edges with one backward slot per downstream site, whose
-  fixed cost, VJP time (scaled by the slots) and per-node time (scaled by the
-  selected nodes) give the edge time.
+  the IG work), and the edges with one and with two backward slots per
+  downstream site: the first run's time, plus the growth of its VJP time per
+  extra slot and of its per-node time per extra node, scaled to the whole job.
 
 Memory is counted as the memory held before the run (the model and the
 dictionaries, and on the CPU the Python runtime: the process's resident set)
@@ -296,26 +296,34 @@ def estimate(
                           for i, st in enumerate(sites))
             details |= {"slots": sum(slots.values()), "edges_predicted": int(n_edges)}
         elif any(m.any() for m in selected.values()):
-            # Calibration 3: the edges with one slot per downstream site. Their time splits into a
-            # fixed part, the VJPs (which grow with the slots) and the per-node work (which grows
-            # with the selected nodes); edge_effects times the last two.
-            _sync(device)
-            t0 = time.perf_counter()
-            res = edge_effects(model, dictionaries, batch, atp, metric, downstream=_limit_slots(selected, 1),
-                               edge_method=edge_method, steps=steps if edge_method == "ig" else None,
-                               memory_budget_mb=memory_budget_mb, progress=False)
-            _sync(device)
-            t1 = time.perf_counter() - t0
-            slots = {name: _slot_counts(selected[name], res.position_local.get(name, False))
-                     for name in res.position_local}
+            # Calibration 3: the edges with one slot per downstream site, then with two where a
+            # site needs more. edge_effects times its batched VJPs and its per-node work; the
+            # VJPs' growth from one to two slots gives their cost per extra slot.
+            kw = dict(edge_method=edge_method, steps=steps if edge_method == "ig" else None,
+                      memory_budget_mb=memory_budget_mb, progress=False)
+            runs = []
+            for k in (1, 2):
+                _sync(device)
+                t0 = time.perf_counter()
+                res = edge_effects(model, dictionaries, batch, atp, metric, downstream=_limit_slots(selected, k), **kw)
+                _sync(device)
+                runs.append((time.perf_counter() - t0, res))
+                slots = {name: _slot_counts(selected[name], res.position_local.get(name, False))
+                         for name in res.position_local}
+                if sum(slots.values()) <= res.n_backward_slots:
+                    break  # this is already the whole job
+            (t1, r1), (_, r2) = runs[0], runs[-1]
             total = sum(slots.values())
-            nodes_all = sum(int(selected[name].sum()) for name in res.position_local)
-            nodes1 = max(1, sum(res.n_selected.values()))
-            vjp, per_node = res.timings["vjp_s"], res.timings["per_node_s"]
-            fixed = max(0.0, t1 - vjp - per_node)
-            edges_s = fixed + vjp * total / max(1, res.n_backward_slots) + per_node * nodes_all / nodes1
-            n_edges = sum(e.weight.numel() for e in res.pairs.values()) * nodes_all / nodes1
-            details |= {"slots": total, "edge_calibration_s": round(t1, 3), "edges_predicted": int(n_edges)}
+            nodes_all = sum(int(selected[name].sum()) for name in r1.position_local)
+            d_slots = r2.n_backward_slots - r1.n_backward_slots
+            per_slot = max(0.0, (r2.timings["vjp_s"] - r1.timings["vjp_s"]) / d_slots) if d_slots else 0.0
+            per_node = max(0.0, (r2.timings["per_node_s"] - r1.timings["per_node_s"])
+                           / max(1, sum(r2.n_selected.values()) - sum(r1.n_selected.values())))
+            edges_s = (t1 + per_slot * max(0, total - r1.n_backward_slots)
+                       + per_node * max(0, nodes_all - sum(r1.n_selected.values())))
+            n_edges = sum(e.weight.numel() for e in r2.pairs.values()) * nodes_all / max(1, sum(r2.n_selected.values()))
+            details |= {"slots": total, "edge_calibration_s": round(sum(r[0] for r in runs), 3),
+                        "edges_predicted": int(n_edges)}
         else:
             n_edges = 0
         # One chunk of slots, as edge_effects sizes it, over the widest site.
