@@ -37,6 +37,7 @@ ever zeroed before it is read (the reference implementation's ordering bug).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -45,9 +46,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from attribution.dictionaries.kinds import SAE, Dictionary
-from attribution.effects import Aggregation, NodeEffects, wide
+from attribution.effects import Aggregation, NodeEffects, ig_alphas, wide
 from attribution.model import tracing
-from attribution.model.wrapper import SFCModel
+from attribution.model.sites import Site
+from attribution.model.wrapper import Batch, SFCModel
+from attribution.options import EdgeMethod
 
 Selection = Literal["position", "aggregate"]
 
@@ -102,6 +105,11 @@ class EdgeEffects:
     n_selected: dict[str, int] = field(default_factory=dict)
     n_backward_slots: int = 0
     position_local: dict[str, bool] = field(default_factory=dict)
+    method: EdgeMethod = "attrib"
+    steps: int = 1
+    timings: dict[str, float] = field(default_factory=lambda: {"vjp_s": 0.0, "per_node_s": 0.0})
+    """Seconds in the batched VJPs (grows with the slots) and in the per-node work (seeds and
+    edge weights; grows with the selected nodes); the cost estimate reads them."""
 
 
 def select_downstream(
@@ -151,8 +159,8 @@ def _seeds(x: Tensor, dic: Dictionary, grad: Tensor, nodes: Tensor) -> Tensor:
         if is_err.any():
             e = is_err.nonzero()[:, 0]
             a = g[e]  # A = ∇_ε m; seed = A (I - ∂x_hat/∂x)^T = A - W_enc (1[f≠0] ⊙ W_dec A)
-            back = (a @ dic.W_dec.T) * active[inverse[e]]
-            seed[e] = a - back @ dic.W_enc.T
+            back = dic.feature_grads(a) * active[inverse[e]]
+            seed[e] = a - back @ dic.W_enc.T.to(back.dtype)
         return seed
     # Any other dictionary: one local backward, each node on its own copy of its row.
     rows = x[nodes[:, 0], nodes[:, 1]].detach().clone().requires_grad_()
@@ -250,6 +258,44 @@ def _slots(nodes: Tensor, batch: int, seq: int, local: bool) -> tuple[Tensor, in
     return slot, int(counts.max())
 
 
+def _path_states(
+    model: SFCModel, batch: Batch, sites: list[Site], dictionaries: dict[str, Dictionary],
+    effects: NodeEffects, alphas: Tensor,
+) -> dict[str, Tensor]:
+    """Every site's state at every IG point, ``[N * b, s, d]`` (point-major rows):
+    ``x_clean + α Δx`` with ``Δx = Δf @ W_dec + Δe``, the node effects' own path."""
+    rows = torch.arange(len(batch), device=batch.input_ids.device)
+    clean = tracing.run(model, batch, sites, None, rows, "read").acts
+    out = {}
+    for site in sites:
+        dic = dictionaries[site.name]
+        xc = wide(clean[site.name].detach())
+        df = effects.delta_features[site.name].to(xc.device)
+        dx = df @ dic.W_dec.to(df.dtype) + effects.delta_errors[site.name].to(xc.device)
+        a = alphas.to(device=xc.device, dtype=xc.dtype)[:, None, None, None]
+        out[site.name] = (xc[None] + a * dx[None]).reshape(-1, *xc.shape[1:])
+    return out
+
+
+def _edge_steps(effects: NodeEffects, edge_method: EdgeMethod, steps: int | None) -> tuple[int, Tensor]:
+    """The number of points and the patch weights ``α`` at which edges take the Jacobian."""
+    if edge_method not in ("attrib", "ig"):
+        raise ValueError(f"Unknown edge_method {edge_method!r}: choose 'attrib' (Eq. 5) or 'ig'.")
+    if edge_method == "attrib":
+        return 1, torch.zeros(1)
+    has_steps = bool(effects.step_grads)
+    node_steps = effects.info.get("steps", 10) if effects.method == "ig" else None
+    if has_steps and steps is not None and steps != node_steps:
+        raise ValueError(
+            f"IG edges with steps={steps} cannot reuse the node effects' {node_steps} step gradients: "
+            "leave steps=None or recompute node effects with the same steps."
+        )
+    n = steps or node_steps or 10
+    if n < 1:
+        raise ValueError(f"IG edges need at least one step, got steps={n}.")
+    return n, ig_alphas(n, effects.info.get("ig_points", "paper"))
+
+
 @torch.enable_grad()
 def edge_effects(
     model: SFCModel,
@@ -263,10 +309,25 @@ def edge_effects(
     aggregation: Aggregation = "none",
     downstream: dict[str, Tensor] | None = None,
     memory_budget_mb: float = 1024.0,
+    edge_method: EdgeMethod = "attrib",
+    steps: int | None = None,
     progress: bool = True,
 ) -> EdgeEffects:
-    """Eq. 5 edge weights into every selected downstream node, from every changed
+    """Edge weights into every selected downstream node, from every changed
     upstream node at the sites adjacent to it, plus edges into the metric.
+
+    ``edge_method="attrib"`` (the default) is the paper's Eq. 5: the Jacobian at
+    the clean input, times the node effects' gradient ``∇_d m``.
+    ``edge_method="ig"`` integrates both factors along the node effects' IG path
+    (see ``docs/scale.md``): at each point ``α`` every site sits at
+    ``x_clean + α Δx``, the Jacobian ``∂d/∂u`` is taken there and paired with the
+    downstream gradient at the same point (``effects.step_grads``, from
+    ``node_effects(..., keep_step_grads=True)``; without them the mean gradient
+    ``effects.grads`` serves at every point). All points of a node ride in the
+    same backward slot, as extra rows of one batched VJP. ``steps`` defaults to
+    the node effects' steps. The sum of the IG edges into ``d`` over every
+    upstream node equals ``Σ_α ∇_d m(α) · (d/dα) d(α)``, ``d``'s own contribution
+    along the path, when ``d``'s site reads only the chosen sites upstream of it.
 
     ``downstream`` (``[b, s, F + 1]`` boolean masks per site) overrides the
     selection by ``node_threshold`` (see :func:`select_downstream`).
@@ -274,6 +335,7 @@ def edge_effects(
     """
     if any(g is None for g in effects.grads.values()):
         raise ValueError("Edges need gradients: compute node effects with method 'attrib' or 'ig', not 'exact'.")
+    n_pts, alphas = _edge_steps(effects, edge_method, steps)
     batch = model.tokenize(clean)
     sites = effects.sites
     b, s = batch.input_ids.shape
@@ -283,12 +345,19 @@ def edge_effects(
         effects, node_threshold, selection, aggregation
     )
     rows = torch.arange(b, device=batch.input_ids.device)
-    tr = tracing.run(model, batch, sites, metric, rows, "frozen",
-                     positions=effects.info.get("metric_positions", "all"))
+    positions = effects.info.get("metric_positions", "all")
+    if edge_method == "ig":
+        # One frozen pass over all points: N copies of the batch, each site's leaf at its path point.
+        path = _path_states(model, batch, sites, dictionaries, effects, alphas)
+        tr = tracing.run(model, batch.repeat(n_pts), sites, metric, rows.repeat(n_pts), "frozen",
+                         replace=path, positions=positions)
+        del path
+    else:
+        tr = tracing.run(model, batch, sites, metric, rows, "frozen", positions=positions)
     leaves = tr.leaves
-    result = EdgeEffects(n_examples=b)
+    result = EdgeEffects(n_examples=b, method=edge_method, steps=n_pts)
 
-    # Edges into the metric: one backward through the frozen graph.
+    # Edges into the metric: one backward through the frozen graph (the mean over the points for IG).
     names = [st.name for st in sites]
     gm = torch.autograd.grad(tr.metric.sum(), [leaves[n] for n in names], retain_graph=True, allow_unused=True)
     for name, g in zip(names, gm):
@@ -298,9 +367,11 @@ def edge_effects(
             result.to_metric[name] = (effects.features[name], effects.errors[name])
             continue
         g = wide(g)
+        if n_pts > 1:
+            g = g.reshape(n_pts, b, *g.shape[1:]).mean(0)
         dic = dictionaries[name]
         result.to_metric[name] = (
-            (g @ dic.W_dec.T) * effects.delta_features[name], (g * effects.delta_errors[name]).sum(-1)
+            dic.feature_grads(g) * effects.delta_features[name], (g * effects.delta_errors[name]).sum(-1)
         )
 
     changed: dict[str, list[_Changed]] = {}
@@ -319,42 +390,68 @@ def edge_effects(
             bar.update(int(selected[down.name].sum()))
             continue
         nodes = selected[down.name].nonzero()  # [n, 3] (example, position, node)
-        result.n_selected[down.name] = len(nodes)
-        seeds = _seeds(x_d, dictionaries[down.name], effects.grads[down.name], nodes)
+        n = len(nodes)
+        result.n_selected[down.name] = n
+        t_node = time.perf_counter()
+        if n_pts == 1:
+            seeds = _seeds(x_d, dictionaries[down.name], effects.grads[down.name], nodes)[None]  # [1, n, d]
+        else:
+            # Each node's seed at each point: that point's downstream gradient and encoder Jacobian.
+            if effects.step_grads and down.name in effects.step_grads:
+                g_down = effects.step_grads[down.name].reshape(n_pts * b, *x_d.shape[1:])
+            else:
+                g_down = effects.grads[down.name].repeat(n_pts, 1, 1)
+            at_points = nodes.repeat(n_pts, 1)
+            at_points[:, 0] += (torch.arange(n_pts, device=nodes.device) * b).repeat_interleave(n)
+            seeds = _seeds(x_d, dictionaries[down.name], g_down, at_points).reshape(n_pts, n, -1) / n_pts
+        result.timings["per_node_s"] += time.perf_counter() - t_node
         # Slot i of the batched backward carries the i-th selected node of every example,
-        # or of every (example, position) when the site's Jacobian keeps positions apart.
+        # or of every (example, position) when the site's Jacobian keeps positions apart;
+        # for IG, the node's rows at every point ride in the same slot.
         slot, n_slots = _slots(nodes, b, s, local)
         result.position_local[down.name] = local
         # Memory per slot: the upstream gradients plus the backward's activations,
         # roughly a forward pass of the batch per slot.
-        per_slot = b * s * sum(u.d for u in ups) * 4 + b * s * x_d.shape[-1] * 4 * 24
+        per_slot = n_pts * (b * s * sum(u.d for u in ups) * 4 + b * s * x_d.shape[-1] * 4 * 24)
         chunk = max(1, int(memory_budget_mb * 2**20 // per_slot))
         acc_idx, acc_w = {u.name: [] for u in ups}, {u.name: [] for u in ups}
+        pts = torch.arange(n_pts, device=nodes.device)[:, None] * b
         for start in range(0, n_slots, chunk):
             stop = min(start + chunk, n_slots)
             in_chunk = ((slot >= start) & (slot < stop)).nonzero()[:, 0]
             seed = torch.zeros(stop - start, *x_d.shape, dtype=x_d.dtype, device=x_d.device)
             nd = nodes[in_chunk]
-            seed[slot[in_chunk] - start, nd[:, 0], nd[:, 1]] = seeds[in_chunk].to(x_d.dtype)
+            sl = (slot[in_chunk] - start)[None].expand(n_pts, -1)  # [N, n_c]
+            run_rows = pts + nd[:, 0][None]  # [N, n_c]
+            seed[sl, run_rows, nd[:, 1][None].expand(n_pts, -1)] = seeds[:, in_chunk].to(x_d.dtype)
+            t_vjp = time.perf_counter()
             grads = torch.autograd.grad(
                 x_d, [leaves[u.name] for u in ups], grad_outputs=seed,
                 is_grads_batched=True, retain_graph=True, allow_unused=True,
             )
+            t_node = time.perf_counter()
+            result.timings["vjp_s"] += t_node - t_vjp
             result.n_backward_slots += stop - start
             for up, G in zip(ups, grads):  # noqa: N806
                 if G is None:
                     continue
-                Gn = wide(G[slot[in_chunk] - start, nd[:, 0]])  # noqa: N806  [n, s, d_u]
+                if n_pts == 1:
+                    Gn = wide(G[sl[0], nd[:, 0]])  # noqa: N806  [n, s, d_u]
+                else:  # Δu is the same at every point, so the points' gradients add up first
+                    Gn = wide(G[sl, run_rows]).sum(0)  # noqa: N806
                 if local:  # a slot holds nodes at other positions too: keep each node's own
                     Gn = Gn * (torch.arange(s, device=Gn.device)[None, :] == nd[:, 1:2])[..., None]  # noqa: N806
                 if up.name not in changed:
+                    t_fixed = time.perf_counter()
                     changed[up.name] = _changed_nodes(
                         effects.delta_features[up.name], effects.delta_errors[up.name], dictionaries[up.name]
                     )
+                    t_node += time.perf_counter() - t_fixed  # once per upstream site: not per node
                 idx, w = _upstream_weights(Gn, nd[:, 0], changed[up.name], dictionaries[up.name].width)
                 r = in_chunk[idx[0]]
                 acc_idx[up.name].append(torch.stack([nodes[r, 0], nodes[r, 1], nodes[r, 2], idx[1], idx[2]]))
                 acc_w[up.name].append(w)
+            result.timings["per_node_s"] += time.perf_counter() - t_node
             bar.update(len(in_chunk))
         for up in ups:
             if acc_idx[up.name]:

@@ -53,6 +53,9 @@ class NodeEffects:
     - ``mask``: ``[b, s]``, 1 for real tokens, 0 for padding (effects are 0 there);
     - ``metric_clean`` ``[b]`` and ``metric_patch`` ``[b]`` (``None`` for ablations);
     - ``input_ids``: ``[b, s]``, the clean token ids (left-padded).
+    - ``step_grads[site]``: ``[steps, b, s, d]``, the gradient at each IG point
+      (``alphas`` in ``info``), kept only with ``keep_step_grads=True``; IG edges
+      (``edge_method="ig"``) pair it with the Jacobian at the same point.
     """
 
     sites: list[Site]
@@ -68,6 +71,7 @@ class NodeEffects:
     metric_patch: Tensor | None = None
     info: dict = field(default_factory=dict)
     input_ids: Tensor | None = None
+    step_grads: dict[str, Tensor] | None = None
 
     @property
     def total_effect(self) -> Tensor | None:
@@ -161,21 +165,22 @@ def _states(
     for site in sites:
         dic = dictionaries[site.name]
         xc = wide(run_c.acts[site.name].detach())
-        fc = dic.encode(xc)
-        ec = xc - dic.decode(fc)
+        # States and deltas are float32 whatever the model's and the dictionary's dtypes.
+        fc = wide(dic.encode(xc))
+        ec = xc - wide(dic.decode(fc))
         if run_p is not None:
             xp = wide(run_p.acts[site.name])
-            fp = dic.encode(xp)
-            ep = xp - dic.decode(fp)
+            fp = wide(dic.encode(xp))
+            ep = xp - wide(dic.decode(fp))
         elif ablation == "zero":
             fp, ep = torch.zeros_like(fc), torch.zeros_like(ec)
-            xp = dic.decode(fp) + ep
+            xp = wide(dic.decode(fp)) + ep
         else:  # position-wise mean over the real tokens of the batch
             w = mask.to(device=fc.device, dtype=fc.dtype)
             denom = w.sum(0).clamp(min=1)
             fp = ((fc * w).sum(0) / denom).expand_as(fc)
             ep = ((ec * w).sum(0) / denom).expand_as(ec)
-            xp = dic.decode(fp) + ep
+            xp = wide(dic.decode(fp)) + ep
         # Padding positions carry no node: their deltas are zero by definition.
         x_c[site.name], x_p[site.name], f_c[site.name] = xc, xp, fc
         m = mask.to(device=fc.device, dtype=fc.dtype)  # each site may live on its own device
@@ -193,7 +198,7 @@ def project_effects(
     ``grad [b, s, d]`` is ∇_x m at the site; features get ``(grad · W_dec[j]) Δf_j``
     (``[b, s, F]``), the error node gets ``grad · Δe`` (``[b, s]``).
     """
-    feature_grads = grad @ dictionary.W_dec.T
+    feature_grads = dictionary.feature_grads(grad)
     return feature_grads * delta_f, (grad * delta_e).sum(-1)
 
 
@@ -230,7 +235,7 @@ def ig_alphas(steps: int, points: IGPoints) -> Tensor:
 def integrated_gradients(
     model: SFCModel, sites: list[Site], clean: Batch, st: _States, metric: tracing.Metric,
     steps: int = 10, points: IGPoints = "paper", max_rows: int = 1024, progress: bool = True,
-    positions: tracing.MetricPositions = "all",
+    positions: tracing.MetricPositions = "all", step_grads: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Eq. 4: the mean gradient along the straight path from clean to patch state
     of one site at a time (other sites keep the model's own values).
@@ -238,7 +243,8 @@ def integrated_gradients(
     The path of the site's nodes maps to the path of its activation,
     ``x(w) = x_clean + w (x_patch − x_clean)``, since ``decode`` is affine; all
     ``steps`` points run as one batch of ``steps · b`` rows (chunked to
-    ``max_rows``). Returns the mean gradient ``grads[site] [b, s, d]``.
+    ``max_rows``). Returns the mean gradient ``grads[site] [b, s, d]``; when
+    ``step_grads`` is a dict, it also receives each point's gradient ``[steps, b, s, d]``.
     """
     b = len(clean)
     weights = ig_alphas(steps, points)
@@ -249,6 +255,7 @@ def integrated_gradients(
         xc, xp = st.x_clean[site.name], st.x_patch[site.name]
         total = torch.zeros_like(xc)
         weights = weights.to(xc.device)
+        kept = torch.empty(steps, *xc.shape, dtype=xc.dtype, device=xc.device) if step_grads is not None else None
         for start in range(0, steps, per_pass):
             w = weights[start : start + per_pass]
             n = len(w)
@@ -259,7 +266,11 @@ def integrated_gradients(
                              positions=positions)
             (g,) = torch.autograd.grad(tr.metric.sum(), [path])
             total += g.reshape(n, *xc.shape).sum(0)
+            if kept is not None:
+                kept[start : start + n] = g.reshape(n, *xc.shape)
         grads[site.name] = total / steps
+        if kept is not None:
+            step_grads[site.name] = kept
     return grads
 
 
@@ -321,6 +332,7 @@ def node_effects(
     max_rows: int = 1024,
     metric_positions: tracing.MetricPositions = "all",
     progress: bool = True,
+    keep_step_grads: bool = False,
 ) -> NodeEffects:
     """Indirect effects of every feature and error node at ``sites`` on ``metric``.
 
@@ -331,7 +343,9 @@ def node_effects(
     ``exact`` (Eq. 2). ``metric(logits, rows) -> [n]``, see
     :data:`attribution.model.tracing.Metric`; with ``metric_positions="last"`` it
     receives the last position's logits only (``[n, 1, vocab]``), which is much
-    cheaper for large vocabularies.
+    cheaper for large vocabularies. ``keep_step_grads`` (``ig`` only) keeps the
+    gradient at every IG point (``steps`` times the memory of ``grads``) for IG
+    edges, :func:`attribution.edges.edge_effects` with ``edge_method="ig"``.
     """
     if sites is None:
         sites = [s for s in model.all_sites() if s.name in dictionaries]
@@ -358,6 +372,7 @@ def node_effects(
     st = _states(model, sites, dictionaries, clean_b, patch_b, metric, ablation, pos, clean_run)
 
     grads: dict[str, Tensor | None]
+    step_grads: dict[str, Tensor] | None = {} if keep_step_grads and method == "ig" else None
     if method == "exact":
         feats, errs = exact_patching(model, sites, dictionaries, clean_b, st, metric, progress=progress,
                                      positions=pos)
@@ -368,7 +383,7 @@ def node_effects(
         else:
             grads = integrated_gradients(
                 model, sites, clean_b, st, metric, steps=steps, points=ig_points,
-                max_rows=max_rows, progress=progress, positions=pos,
+                max_rows=max_rows, progress=progress, positions=pos, step_grads=step_grads,
             )
         feats, errs = {}, {}
         for site in sites:
@@ -382,4 +397,5 @@ def node_effects(
         info={"steps": steps, "ig_points": ig_points, "ablation": None if patch is not None else ablation,
               "metric_positions": metric_positions},
         input_ids=clean_b.input_ids,
+        step_grads=step_grads,
     )

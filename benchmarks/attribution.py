@@ -13,6 +13,22 @@ default, sparse), 16 agreement-style prompt pairs. It measures
   clean prompts, the least work attribution patching can do.
 
 Prints one JSON object. Usage: ``python benchmarks/attribution.py --json``.
+
+``--scale`` adds the research-scale fields of issue 16:
+
+- ``ig_edges_identity_max_rel_err``: on tiny float64 models of all 5 families, the
+  largest gap between the sum of the IG edges into a node and that node's own
+  contribution along the path, computed with plain torch hooks at the same IG
+  points (relative to the largest contribution at the site);
+- for each width in ``--scale-widths`` (default 4096 16384 32768), in a fresh
+  process: ``peak_rss_mb_F<width>`` (IG nodes + default edges, the process's peak
+  resident set), ``dictionary_weights_mb_F<width>``, the measured times, and the
+  estimate's predictions (:func:`attribution.estimate.estimate`, run first in the
+  same process); ``estimate_max_rel_err`` is the largest relative error of the
+  predicted node and edge times and peak memory over those runs.
+
+Run it from the repository root with the repository on the path
+(``PYTHONPATH=. python benchmarks/attribution.py --scale --json``).
 """
 
 from __future__ import annotations
@@ -203,6 +219,71 @@ def max_rel_diff(batched, looped) -> float:
     return worst
 
 
+def peak_run(width: int, pairs: int, seq: int, l0: float, threshold: float | None) -> dict:
+    """IG nodes and default edges at ``width``, after the estimate, in this (fresh) process."""
+    from attribution.estimate import dictionaries_mb, estimate
+
+    model = pythia_shaped()
+    clean, patch, metric = prompt_pairs(pairs, seq)
+    sites = model.all_sites()
+    acts = tracing.run(model, model.tokenize(clean), sites, None, torch.arange(len(clean))).acts
+    dicts = {s.name: calibrate_sparsity(random_sae(s.d, width, seed=i), acts[s.name], l0)
+             for i, s in enumerate(sites)}
+    del acts
+    kw = dict(progress=False, metric_positions="last")
+    if threshold is None:  # about 3000 downstream nodes, chosen on attribution patching (cheap)
+        atp = node_effects(model, dicts, clean, patch, metric, method="attrib", **kw)
+        every = torch.cat([torch.cat([atp.features[s].flatten(), atp.errors[s].flatten()]) for s in atp.features])
+        threshold = every.abs().topk(3000).values[-1].item()
+        del atp, every
+    est = estimate(model, dicts, clean, patch, metric, method="ig", steps=10, node_threshold=threshold,
+                   metric_positions="last")
+    t0 = time.perf_counter()
+    ne = node_effects(model, dicts, clean, patch, metric, method="ig", steps=10, **kw)
+    t_nodes = time.perf_counter() - t0
+    rss_nodes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    ee = edge_effects(model, dicts, clean, ne, metric, node_threshold=threshold, progress=False)
+    t_edges = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "width": width, "pairs": pairs, "node_threshold": threshold,
+        "dictionary_weights_mb": round(dictionaries_mb(dicts), 1),
+        "nodes_s": round(t_nodes, 3), "edges_s": round(t_edges, 3),
+        "peak_rss_mb_after_nodes": round(rss_nodes, 1), "peak_rss_mb": round(peak, 1),
+        "downstream_nodes": sum(ee.n_selected.values()), "backward_slots": ee.n_backward_slots,
+        "estimate": est.to_dict(),
+        "estimate_rel_err": {
+            "nodes_s": round(abs(est.nodes_s - t_nodes) / t_nodes, 3),
+            "edges_s": round(abs(est.edges_s - t_edges) / t_edges, 3),
+            "peak_mb": round(abs(est.peak_mb - peak) / peak, 3),
+        },
+        "loadavg": open("/proc/loadavg").read().split()[:3],
+    }
+
+
+def ig_identity(steps: int = 16) -> dict:
+    """The IG-edge identity on tiny float64 models of every family (see the module docstring)."""
+    import pytest
+
+    from tests.conftest import FAMILIES, keep_float64
+    from tests.test_ig_edges import edge_sums, path_contributions, setup
+
+    out = {}
+    with torch.enable_grad(), pytest.MonkeyPatch.context() as mp:
+        keep_float64(mp)
+        for family in FAMILIES:
+            import tests.test_ig_edges as t
+
+            t.STEPS = steps
+            model, clean, dicts, metric, sites, acts_c, delta, ne = setup(family)
+            totals = edge_sums(model, dicts, clean, ne, metric, sites)
+            alphas = (torch.arange(steps, dtype=torch.float64) + 0.5) / steps
+            truth = path_contributions(model, clean, dicts, sites, acts_c, delta, metric, alphas, slopes_h=1e-6)
+            out[family] = max(((totals[k] - v).abs().max() / v.abs().max()).item() for k, v in truth.items())
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object (the default output)")
@@ -213,8 +294,18 @@ def main() -> None:
     parser.add_argument("--node-threshold", type=float, default=None,
                         help="downstream selection threshold (default: chosen for ~3000 nodes)")
     parser.add_argument("--skip-loop", action="store_true", help="skip the per-node baseline")
+    parser.add_argument("--scale", action="store_true", help="add the research-scale fields (issue 16)")
+    parser.add_argument("--scale-widths", type=int, nargs="*", default=[4096, 16384, 32768])
+    parser.add_argument("--scale-only", action="store_true", help="print only the --scale fields")
+    parser.add_argument("--peak-run", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    if args.peak_run:
+        print(json.dumps(peak_run(args.width, args.pairs, args.seq, args.l0, args.node_threshold)))
+        return
+    if args.scale_only:
+        print(json.dumps(scale_fields(args), indent=2))
+        return
 
     model = pythia_shaped()
     clean, patch, metric = prompt_pairs(args.pairs, args.seq)
@@ -271,7 +362,34 @@ def main() -> None:
         result["edges_speedup_vs_segment_loop"] = round(t_seg / t_edges, 2)
         result["edges_segment_max_rel_diff"] = max_rel_diff(edges, seg)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    if args.scale:
+        result |= scale_fields(args)
     print(json.dumps(result, indent=2))
+
+
+def scale_fields(args) -> dict:
+    """The ``--scale`` fields: the IG-edge identity, then one fresh process per width."""
+    import os
+    import subprocess
+
+    identity = ig_identity()
+    out: dict = {"ig_edges_identity_max_rel_err": max(identity.values()), "ig_edges_identity_by_family": identity}
+    errs = []
+    env = dict(os.environ)
+    for width in args.scale_widths:
+        cmd = [sys.executable, __file__, "--peak-run", "--width", str(width), "--pairs", str(args.pairs),
+               "--seq", str(args.seq), "--l0", str(args.l0)]
+        if args.node_threshold is not None:
+            cmd += ["--node-threshold", str(args.node_threshold)]
+        run = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
+        out[f"peak_rss_mb_F{width}"] = run["peak_rss_mb"]
+        out[f"dictionary_weights_mb_F{width}"] = run["dictionary_weights_mb"]
+        out[f"run_F{width}"] = run
+        errs += list(run["estimate_rel_err"].values())
+    if errs:
+        out["estimate_max_rel_err"] = max(errs)
+    out["loadavg"] = open("/proc/loadavg").read().split()[:3]
+    return out
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ _EXPORTS: dict[str, str] = {
     "NodeEffects": "attribution.effects",
     "edge_effects": "attribution.edges",
     "EdgeEffects": "attribution.edges",
+    "estimate": "attribution.estimate",
+    "Estimate": "attribution.estimate",
     # circuits
     "build_circuit": "circuits.build",
     "circuit_masks": "circuits.build",

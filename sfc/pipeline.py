@@ -34,9 +34,10 @@ from attribution.cache import atomic_write_bytes
 from attribution.dictionaries.kinds import Dictionary
 from attribution.edges import edge_effects
 from attribution.effects import node_effects
+from attribution.estimate import Estimate, check_fits, estimate
 from attribution.metrics import logit_diff
 from attribution.model.wrapper import Batch, SFCModel
-from attribution.options import Aggregation, Method
+from attribution.options import Aggregation, EdgeMethod, Method
 from circuits.build import build_circuit, circuit_masks
 from circuits.graph import Circuit
 from circuits.tasks import Example, TaskData, answer_ids
@@ -57,7 +58,9 @@ class DiscoverConfig:
     top_k: int | None = None
     ablation: AblationConfig = field(default_factory=AblationConfig)
     edges: bool = True
+    edge_method: EdgeMethod = "attrib"
     seed: int = 0
+    check_memory: bool = True
 
 
 @dataclass
@@ -132,6 +135,22 @@ def evaluate(
             "m_complement": res.m_complement}
 
 
+def estimate_discover(
+    model: SFCModel, dictionaries: Mapping[str, Dictionary], task: TaskData, cfg: DiscoverConfig,
+    *, timing: bool = True,
+) -> Estimate:
+    """The predicted time and peak memory of :func:`discover`'s nodes and edges with ``cfg``
+    (see :func:`attribution.estimate.estimate`), without running them."""
+    clean, patch, clean_ids, patch_ids = _pairs(model, task.train[: cfg.n_examples])
+    sites = [s for s in model.all_sites() if s.name in dictionaries]
+    return estimate(
+        model, dict(dictionaries), clean, patch, logit_diff(patch_ids, clean_ids), sites=sites, method=cfg.method,
+        steps=cfg.steps, edges=cfg.edges, edge_method=cfg.edge_method, node_threshold=cfg.node_threshold,
+        selection="position" if cfg.aggregation == "none" else "aggregate", aggregation=cfg.aggregation,
+        metric_positions="last", timing=timing,
+    )
+
+
 def discover(
     model: SFCModel,
     dictionaries: Mapping[str, Dictionary],
@@ -144,7 +163,9 @@ def discover(
     """Discover and evaluate a circuit for ``task`` (see the module docstring).
 
     ``dictionary_ids`` (where each dictionary came from) default to those of a
-    :class:`~attribution.dictionaries.sets.DictionarySet`.
+    :class:`~attribution.dictionaries.sets.DictionarySet`. With ``cfg.check_memory``
+    a memory estimate runs first, and a job that would not fit stops with a
+    ``ValueError`` naming the option to change, before any heavy work.
     """
     if dictionary_ids is None:
         dictionary_ids = getattr(dictionaries, "ids", None)
@@ -156,6 +177,10 @@ def discover(
     test_pairs = _pairs(model, test)  # validate before any heavy work
     check_metric_spread(model, clean, patch, clean_ids, patch_ids, f"task {task.name!r} (training pairs)")
     check_metric_spread(model, *test_pairs, f"task {task.name!r} (test pairs)")
+    predicted = None
+    if cfg.check_memory:
+        predicted = estimate_discover(model, dictionaries, task, cfg, timing=False)
+        check_fits(predicted)
     sites = [s for s in model.all_sites() if s.name in dictionaries]
     metric = logit_diff(patch_ids, clean_ids)
     timings = {}
@@ -163,6 +188,7 @@ def discover(
     effects = node_effects(
         model, dict(dictionaries), clean, patch, metric, sites=sites, method=cfg.method, steps=cfg.steps,
         metric_positions="last", progress=progress,
+        keep_step_grads=cfg.edges and cfg.edge_method == "ig" and cfg.method == "ig",
     )
     timings["nodes_s"] = time.perf_counter() - t0
     edges = None
@@ -171,7 +197,7 @@ def discover(
         edges = edge_effects(
             model, dict(dictionaries), clean, effects, metric, node_threshold=cfg.node_threshold,
             selection="position" if cfg.aggregation == "none" else "aggregate", aggregation=cfg.aggregation,
-            progress=progress,
+            edge_method=cfg.edge_method, progress=progress,
         )
         timings["edges_s"] = time.perf_counter() - t0
     tokens = model.token_strings(clean.input_ids[0]) if cfg.aggregation == "none" else None
@@ -187,7 +213,7 @@ def discover(
     timings["evaluate_s"] = time.perf_counter() - t0
     n_circuit_nodes = sum(1 for n in circuit.nodes if n.id != "y")
     metrics = {
-        "task": task.name, "model": model.name, "method": cfg.method, "aggregation": cfg.aggregation,
+        "task": task.name, "model": model.name, "method": cfg.method, "edge_method": cfg.edge_method, "aggregation": cfg.aggregation,
         "node_threshold": cfg.node_threshold, "edge_threshold": cfg.edge_threshold, "top_k": cfg.top_k,
         "n_examples": len(train), "n_test": len(test), "start_layer": cfg.ablation.start_layer,
         "faithfulness": scores["faithfulness"], "completeness": scores["completeness"],
@@ -199,6 +225,8 @@ def discover(
         "edges_computed": edges is not None,
         "pruned_to_metric": bool(circuit.metadata.extra.get("pruned_to_metric")),
     }
+    if predicted is not None:
+        metrics["predicted_peak_mb"] = round(predicted.peak_mb, 1)
     feats, errs = effects.aggregate(cfg.aggregation)
     metrics["largest_node_effect"] = max(float(v.abs().max()) for v in [*feats.values(), *errs.values()])
     metrics["notes"] = _notes(cfg, task, len(train), len(test), n_circuit_nodes, edges is not None, feats, errs,
@@ -278,5 +306,5 @@ def write_outputs(out: Path, result: DiscoverResult) -> None:
     save_effects(out / "effects.npz", result.effects_features, result.effects_errors)
 
 
-__all__ = ["DiscoverConfig", "DiscoverResult", "discover", "evaluate", "sweep_curve", "write_outputs",
+__all__ = ["DiscoverConfig", "DiscoverResult", "discover", "estimate_discover", "evaluate", "sweep_curve", "write_outputs",
            "load_effects", "save_effects", "task_accuracy"]

@@ -90,11 +90,17 @@ def one_thread():
 
 @pytest.fixture(autouse=True)
 def float64_softmax(monkeypatch):
-    """Keep attention softmax in the input's dtype.
+    """Keep attention softmax in the input's dtype (see :func:`keep_float64`)."""
+    keep_float64(monkeypatch)
+
+
+def keep_float64(monkeypatch) -> None:
+    """Keep attention softmax and RMSNorms in float64 for float64 inputs.
 
     transformers' eager attention computes softmax in float32 even for float64
     models; that rounding (1e-7) would swamp finite differences. With this, the
     tiny models are float64 end to end, for the toolkit and the ground truth alike.
+    (Also used by ``benchmarks/attribution.py --scale`` through ``pytest.MonkeyPatch``.)
     """
     original = torch.nn.functional.softmax
 

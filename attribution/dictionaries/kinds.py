@@ -39,7 +39,15 @@ class Dictionary(nn.Module, ABC):
         """Features ``[..., F]`` of activations ``[..., d]``."""
 
     def decode(self, f: Tensor) -> Tensor:  # [..., F] -> [..., d]
-        return f @ self.W_dec + self.b_dec
+        """``f @ W_dec + b_dec``, computed in the dictionary's dtype (``f`` is cast to it)."""
+        return f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+
+    def feature_grads(self, grad: Tensor) -> Tensor:  # [..., d] -> [..., F]
+        """``grad @ W_dec.T``: the gradient on every feature from the gradient ``grad`` on the
+        activation, in float32 (or float64) whatever the dictionary's dtype, so that effects
+        are accumulated in full precision. A half-precision decoder is widened for the product."""
+        grad = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
+        return grad @ self.W_dec.T.to(grad.dtype)
 
     def error(self, x: Tensor) -> Tensor:
         """The SAE error ``x - decode(encode(x))``, shape ``[..., d]``."""
@@ -113,6 +121,9 @@ class SAE(Dictionary):
         return self._b_dec
 
     def pre_activation(self, x: Tensor) -> Tensor:
+        """Pre-activations ``[..., F]`` in the dictionary's dtype (``x`` is cast to it, so a
+        float32 dictionary reads a bfloat16 model and a bfloat16 one reads float32 states)."""
+        x = x.to(self.W_enc.dtype)
         if self.subtract_decoder_bias:
             x = x - self.b_dec
         return x @ self.W_enc + self.b_enc

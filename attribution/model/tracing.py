@@ -12,6 +12,8 @@ place":
   value, so the activation recorded at a site depends on the sites directly
   upstream of it and on nothing else. Differentiating one site's activation
   with respect to the leaves is the Jacobian ``∇_{u, stop(M)} d`` of Eq. 5.
+  A site named in ``replace`` gets a leaf of the given value instead (IG edges
+  take the Jacobian at points between the clean and patch states).
 
 ``replace`` maps a site name to what to write there instead of its activation:
 a tensor (interpolations for IG, patched rows for exact patching) or a function
@@ -83,6 +85,12 @@ def run(
             if site.name in replace:
                 new = replace[site.name]
                 new = new(x) if callable(new) else new
+                # Values computed in float32 (IG paths, patches, SAE splices) are written
+                # back in the model's dtype; the cast passes gradients to the float32 value.
+                new = new.to(x.dtype)
+                if mode == "frozen":  # the leaf takes the given value (IG edges: a path point)
+                    new = new.detach().requires_grad_()
+                    out.leaves[site.name] = new
             elif mode == "total":
                 # A leaf where nothing upstream requires grad; otherwise a copy that
                 # stays in the graph, so gradients pass straight through the site.
@@ -100,7 +108,9 @@ def run(
                     envoy.output = new
         if metric is not None:
             logits = model.nn.output.logits
-            out.metric = metric(logits, rows)
+            value = metric(logits, rows)
+            # A half-precision model's metric is read in float32 (effects are accumulated there).
+            out.metric = value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
     if out.metric is not None:
         _check_metric(out.metric, len(batch))
     return out

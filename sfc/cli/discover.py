@@ -21,6 +21,8 @@ def add_parser(sub) -> None:
     p.add_argument("--sites", nargs="*", default=None, help="sites to use (default: all dictionaries)")
     p.add_argument("--method", choices=["ig", "attrib"], default="ig")
     p.add_argument("--steps", type=int, default=10, help="integrated-gradients steps")
+    p.add_argument("--edge-method", choices=["attrib", "ig"], default="attrib",
+                   help="attrib: the paper's Eq. 5 (default); ig: Jacobian integrated along the IG path")
     p.add_argument("--aggregation", choices=["none", "sum"], default="none")
     p.add_argument("--node-threshold", type=float, default=0.1)
     p.add_argument("--edge-threshold", type=float, default=0.01)
@@ -35,7 +37,8 @@ def add_parser(sub) -> None:
     from sfc.dashboards_job import add_dashboard_arguments
 
     add_dashboard_arguments(p, switch=True)  # --no-dashboards, --corpus, --dashboard-tokens
-    p.set_defaults(func=staged(run))  # writes into a temporary folder that replaces --out at the end
+    p.add_argument("--estimate", action="store_true", help="print the predicted time and peak memory, run nothing")
+    p.set_defaults(func=run)
 
 
 def _validate(args) -> None:
@@ -56,12 +59,20 @@ def _validate(args) -> None:
 
 
 def run(args) -> int:
+    """``--estimate`` prints a prediction and writes nothing; a real run is staged
+    (:func:`sfc.cli.outputs.staged`) so that ``--out`` is replaced only when it succeeds."""
+    if args.estimate:
+        return _job(args)
+    return staged(_job)(args)
+
+
+def _job(args) -> int:
     _validate(args)  # before any model work
     from ablation.config import AblationConfig
     from attribution.dictionaries.sets import load_dictionaries
     from sfc.cli.checks import check_start_layer
     from sfc.cli.common import load_task, open_model
-    from sfc.pipeline import DiscoverConfig, discover, write_outputs
+    from sfc.pipeline import DiscoverConfig, discover, estimate_discover, write_outputs
     from viz import render_html
 
     t0 = time.perf_counter()
@@ -71,16 +82,21 @@ def run(args) -> int:
     cfg = DiscoverConfig(
         n_examples=args.examples, n_test=args.test, method=args.method, steps=args.steps,
         aggregation=args.aggregation, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
-        top_k=args.top_k, edges=not args.no_edges, seed=args.seed,
+        top_k=args.top_k, edges=not args.no_edges, edge_method=args.edge_method, seed=args.seed,
         ablation=AblationConfig(start_layer=start_layer),
     )
-    out = Path(args.staged_out)  # see sfc.cli.outputs.staged
+    out = Path(args.out if args.estimate else args.staged_out)  # see sfc.cli.outputs.staged
     runs = [("features", False, out)] + ([("neurons", True, out / "neurons")] if args.neurons else [])
     summary = {}
     for label, neurons, folder in runs:
         dicts = load_dictionaries(model, args.dictionaries, sites=args.sites, neurons=neurons)
         check_start_layer(model, dicts, start_layer, args.start_layer is not None)
         print(f"[sfc] {label}: {len(dicts)} sites, task {task.name}, {len(task.train)} pairs", file=sys.stderr)
+        if args.estimate:
+            est = estimate_discover(model, dicts, task, cfg)
+            print(est.summary(), file=sys.stderr)
+            summary[label] = est.to_dict()
+            continue
         result = discover(model, dicts, task, cfg)
         result.circuit.metadata.extra.update({"neurons": neurons, "task_source": args.task})
         if not args.no_dashboards:  # dashboards + automatic labels, carried by circuit.json and the page
@@ -96,6 +112,6 @@ def run(args) -> int:
         print(f"[sfc] {label}: {result.metrics['n_nodes']} nodes, {result.metrics['n_edges']} edges, "
               f"faithfulness {result.metrics['faithfulness']:.3f}, completeness "
               f"{result.metrics['completeness']:.3f} -> {Path(args.out) / folder.relative_to(out)}", file=sys.stderr)
-    if args.json:
+    if args.json or args.estimate:
         print(json.dumps(summary["features"] if len(summary) == 1 else summary, indent=2))
     return 0
