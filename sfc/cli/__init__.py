@@ -16,6 +16,7 @@ COMMANDS = {
     "discover": "sfc.cli.discover",
     "evaluate": "sfc.cli.evaluate",
     "view": "sfc.cli.view",
+    "shift": "sfc.cli.shift",
 }
 
 
