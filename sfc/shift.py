@@ -47,9 +47,13 @@ def _verdict_label(v: Verdict) -> str:
 
 def write_rank_page(
     setup: ShiftSetup, out: str | os.PathLike, *, top: int = 50, dashboards: bool = True,
-    n_corpus: int = 300, progress: bool = True,
+    n_corpus: int = 300, dashboard_cache: str | os.PathLike | None = None, progress: bool = True,
 ) -> dict[str, Path]:
-    """Write ``rank.html`` (the flagging page), ``ranking.json`` and ``circuit.json`` under ``out``."""
+    """Write ``rank.html`` (the flagging page), ``ranking.json`` and ``circuit.json`` under ``out``.
+
+    The top ``top`` ranked features are shown; their dashboards read the balanced
+    train texts plus ``n_corpus`` held-out documents of the bundled corpus, cached
+    under ``dashboard_cache`` (default ``$SFC_CACHE/dashboards``)."""
     from viz.dashboards import compute_dashboards
     from viz.html import render_html
 
@@ -69,7 +73,7 @@ def write_rank_page(
 
         texts = list(bal.texts) + load_corpus("heldout")[:n_corpus]
         dash = compute_dashboards(setup.model, setup.dictionaries, [r.key for r in top_features], texts,
-                                  cache_dir=cache_dir() / "dashboards")
+                                  cache_dir=dashboard_cache or cache_dir() / "dashboards")
     paths = {"page": render_html(circuit, out / "rank.html", dashboards=dash)}
     paths["circuit"] = circuit.save(out / "circuit.json")
     doc = {"model": setup.model.name, "layer": setup.layer, "sites": setup.sites,

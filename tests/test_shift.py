@@ -202,16 +202,17 @@ def test_site_effects_sum_to_the_zero_ablation_of_the_site(model, texts):
         logit = probe(pool(x_resid1, mask))[:, 0]
         return (1 - 2 * torch.tensor(y, dtype=logit.dtype)) * logit
 
+    b_dec = dicts["resid_0"].b_dec.detach()
     total = 0.0
     for i, t in enumerate(texts):
         ids = model.tokenize([t]).input_ids
         mask = torch.ones_like(ids)
         sites = model.sites(["resid_0", "resid_1"])
         _, clean = run_hooked(model.hf, ids, sites)
-        b_dec = dicts["resid_0"].b_dec
         _, ablated = run_hooked(model.hf, ids, sites, {"resid_0": lambda x: b_dec.expand_as(x)})
         # run_hooked records resid_1 before any override at resid_1: none here
-        total += float(metric(ablated["resid_1"], mask, [targets[i]]) - metric(clean["resid_1"], mask, [targets[i]]))
+        with torch.no_grad():
+            total += float(metric(ablated["resid_1"], mask, [targets[i]]) - metric(clean["resid_1"], mask, [targets[i]]))
     got = float(feats["resid_0"].sum() + errs["resid_0"])
     assert got == pytest.approx(total / len(texts), rel=2e-2, abs=1e-6)
 

@@ -133,13 +133,16 @@ class EditedModel:
 
     @torch.no_grad()
     def probe_logits(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> Tensor:
-        """The probe's logits ``[n]`` on ``texts`` under the edit."""
+        """The probe's logits ``[n]`` on ``texts`` under the edit (inside or outside ``with``)."""
         from ablation.shift.probe import pooled_activations
 
         if self.probe is None or self.probe_layer is None:
             raise ValueError("This edited model has no probe: pass probe= and probe_layer= to use it as a classifier.")
-        with self:
+        if self._handles:  # already inside `with self:`
             x = pooled_activations(self.model, texts, self.probe_layer, batch_size, progress)
+        else:
+            with self:
+                x = pooled_activations(self.model, texts, self.probe_layer, batch_size, progress)
         return self.probe(x)[:, 0]
 
     # ------------------------------------------------------------------ disk

@@ -99,3 +99,7 @@ def judge(
         a_z, a_y = max(a_z, 1 - a_z), max(a_y, 1 - a_y)
         out.append(Verdict(key, a_z, a_y, a_z >= min_auc and a_z > a_y + margin))
     return out
+
+
+proxy_judge = judge
+"""The automatic proxy judge (:func:`judge`), under the name the ``sfc`` facade uses."""

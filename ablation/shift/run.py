@@ -331,9 +331,10 @@ def run_shift(
                            dictionary_ids=getattr(dicts, "ids", ids), info=info)
 
     shift = edited(flagged.flagged, dictionaries)
-    results["shift"] = evaluate(original, pooled(test.texts, shift, "pool test (shift)"))
+    x_test_shift = pooled(test.texts, shift, "pool test (shift)")
+    results["shift"] = evaluate(original, x_test_shift)
     retrained = train_probe(pooled(amb.texts, shift, "pool ambiguous train (shift)"), amb.labels, pc)
-    results["shift_retrain"] = evaluate(retrained, pooled(test.texts, shift, "pool test (shift)"))
+    results["shift_retrain"] = evaluate(retrained, x_test_shift)
     shift.probe = retrained
     shift.info = {"flags": source, "method": "shift_retrain"}
 
