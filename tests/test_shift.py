@@ -382,3 +382,47 @@ def test_cli_refuses_bad_input_before_loading_the_model(tmp_path):
     done = _cli("run", "--data", str(one), "--test-data", str(one), "--out", str(tmp_path / "o"))
     assert done.returncode == 2 and "single class" in done.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ the rank page, in a browser
+
+
+def test_rank_page_flags_download_and_feed_shift(model, tiny_run, tmp_path):
+    """A person flags a feature on the rank page and downloads the file; SHIFT reads it."""
+    from ablation.shift.run import prepare_shift
+    from circuits.graph import node_id
+    from sfc.shift import write_rank_page
+    from tests.test_viewer import ARGS, CHROMIUM, Viewer
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"browser tests need Chromium at {CHROMIUM}")
+    from playwright.sync_api import sync_playwright
+
+    cfg, dicts, _ = tiny_run
+    setup = prepare_shift(cfg, model=model, dictionaries=dicts, progress=False)
+    paths = write_rank_page(setup, tmp_path / "rank", top=5, n_corpus=0, dashboard_cache=tmp_path, progress=False)
+    circuit = json.loads(paths["circuit"].read_text())
+    shown = [n for n in circuit["nodes"] if n["kind"] != "metric"]
+    assert sorted(f"{n['site']}/{n['feature']}" for n in shown) == sorted(r.key for r in setup.ranking[:5])
+    effects = {f"{n['site']}/{n['feature']}": n["effect"] for n in shown}
+    assert all(effects[r.key] == pytest.approx(r.effect) for r in setup.ranking[:5])
+    target = setup.ranking[1]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            v = Viewer(browser, paths["page"]).ready()
+            v.page.fill("#sfc-search", node_id(target.site, target.feature, None))
+            v.page.press("#sfc-search", "Enter")
+            v.page.wait_for_selector("#sfc-panel:not([hidden])")
+            v.page.check("#sfc-flag-input")
+            with v.page.expect_download() as info:
+                v.page.click("#sfc-download")
+            info.value.save_as(tmp_path / "flags.json")
+            v.close()
+        finally:
+            browser.close()
+    flags = load_flags(tmp_path / "flags.json")
+    assert flags.keys == [target.key] and flags.model == model.name
+    assert flags.dictionaries[target.site] == dicts.ids[target.site]  # the page carries the dictionary ids
+    result = run_shift(setup=setup, flags=flags, progress=False)
+    assert result.flags == [target.key] and result.settings["flags_source"] == str(tmp_path / "flags.json")
