@@ -19,6 +19,7 @@ COMMANDS = {
     "evaluate": "sfc.cli.evaluate",
     "models": "sfc.cli.models",
     "view": "sfc.cli.view",
+    "shift": "sfc.cli.shift",
 }
 
 

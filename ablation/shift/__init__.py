@@ -1,0 +1,1 @@
+"""SHIFT (SPEC §6): debias a probe by ablating flagged SAE features, then retrain."""
