@@ -12,6 +12,7 @@ import importlib
 import sys
 
 COMMANDS = {
+    "catalog": "sfc.cli.catalog",
     "dictionaries": "sfc.cli.dictionaries",
     "discover": "sfc.cli.discover",
     "evaluate": "sfc.cli.evaluate",
