@@ -290,3 +290,27 @@ def test_cli_bad_input_exit_2(tmp_path: Path, capsys):
     assert rc == 2 and "4 clusters" in capsys.readouterr().err
     rc = sfc_main(["catalog", "view", str(tmp_path / "nothing")])
     assert rc == 2 and "No catalog" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+@pytest.mark.slow
+def test_two_ray_workers_give_the_in_process_outputs(tmp_path: Path):
+    """A local two-worker Ray cluster (actors import this module's loader) writes the same
+    catalog as the in-process run: same samples, clusters and circuits, equal faithfulness."""
+    pytest.importorskip("ray")
+    build_catalog(tmp_path / "local", tiny_loader, FAST, rows=random_rows(), progress=False)
+    build_catalog(tmp_path / "ray", tiny_loader, FAST, rows=random_rows(), workers=2, progress=False)
+    run = json.loads((tmp_path / "ray" / "run.json").read_text())
+    assert run["workers"] == 2 and run["clusters_run_now"] == 3
+    a = json.loads((tmp_path / "local" / "catalog.json").read_text())
+    b = json.loads((tmp_path / "ray" / "catalog.json").read_text())
+    for ca, cb in zip(a["clusters"], b["clusters"]):
+        assert ca["members"] == cb["members"]
+        assert ca["faithfulness_own"] == pytest.approx(cb["faithfulness_own"], rel=1e-5, abs=1e-6)
+        assert ca["faithfulness_other"] == pytest.approx(cb["faithfulness_other"], rel=1e-5, abs=1e-6)
+        na = json.loads((tmp_path / "local" / ca["circuit"]).read_text())["nodes"]
+        nb = json.loads((tmp_path / "ray" / cb["circuit"]).read_text())["nodes"]
+        assert [n["id"] for n in na] == [n["id"] for n in nb]
+        np.testing.assert_allclose([n["effect"] for n in na], [n["effect"] for n in nb], rtol=1e-5, atol=1e-7)
