@@ -57,7 +57,7 @@ from ablation.config import AblationConfig
 from ablation.evaluate import faithfulness
 from attribution.cache import atomic_write_bytes, atomic_write_text
 from attribution.dictionaries.kinds import Dictionary
-from attribution.edges import edge_effects
+from attribution.edges_summed import summed_edge_effects
 from attribution.effects import node_effects
 from attribution.metrics import neg_log_prob
 from attribution.model.wrapper import SFCModel
@@ -352,9 +352,8 @@ class CatalogWorker:
                                ablation=cfg.ablation, metric_positions="last", progress=False)
         edges = None
         if cfg.edges:
-            edges = edge_effects(model, dicts, batch, effects, metric, aggregation="sum",
-                                 downstream=_top_k_selection(effects, cfg.top_k, cfg.node_threshold),
-                                 progress=False)
+            edges = summed_edge_effects(model, dicts, batch, effects, metric,
+                                        top_k_nodes(effects, cfg.top_k, cfg.node_threshold))
         circuit = build_circuit(
             effects, edges, model=model, aggregation="sum", node_threshold=cfg.node_threshold,
             edge_threshold=cfg.edge_threshold, top_k=cfg.top_k, dictionaries=self.ids,
@@ -372,9 +371,9 @@ class CatalogWorker:
                 "timings": {"circuit_s": round(t1 - t0, 3), "evaluate_s": round(t2 - t1, 3)}}
 
 
-def _top_k_selection(effects, top_k: int, threshold: float) -> dict[str, torch.Tensor]:
-    """Downstream masks ``[b, s, F + 1]`` for edges: the ``top_k`` nodes by ``|summed effect|``
-    (the nodes :func:`build_circuit` keeps), wherever they are active."""
+def top_k_nodes(effects, top_k: int, threshold: float) -> dict[str, torch.Tensor]:
+    """Node indices per site (``F`` = the error node) of the ``top_k`` nodes by ``|summed effect|``
+    above ``threshold``: the nodes :func:`build_circuit` keeps, which get incoming edges."""
     feats, errs = effects.aggregate("sum")
     scores = []
     for name in feats:
@@ -382,15 +381,7 @@ def _top_k_selection(effects, top_k: int, threshold: float) -> dict[str, torch.T
         for j in (agg.abs() > threshold).nonzero()[:, 0].tolist():
             scores.append((-abs(float(agg[j])), name, j))
     chosen = sorted(scores)[:top_k]
-    out = {}
-    for name in feats:
-        eff = torch.cat([effects.features[name], effects.errors[name][..., None]], dim=-1)
-        keep = torch.zeros(eff.shape[-1], dtype=torch.bool, device=eff.device)
-        for _, site, j in chosen:
-            if site == name:
-                keep[j] = True
-        out[name] = keep.expand_as(eff) & (eff != 0)
-    return out
+    return {name: torch.tensor([j for _, site, j in chosen if site == name], dtype=torch.long) for name in feats}
 
 
 def run_jobs(

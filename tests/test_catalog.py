@@ -314,3 +314,38 @@ def test_two_ray_workers_give_the_in_process_outputs(tmp_path: Path):
         nb = json.loads((tmp_path / "ray" / cb["circuit"]).read_text())["nodes"]
         assert [n["id"] for n in na] == [n["id"] for n in nb]
         np.testing.assert_allclose([n["effect"] for n in na], [n["effect"] for n in nb], rtol=1e-5, atol=1e-7)
+
+
+def test_summed_edges_equal_the_engines_sum_aggregate(family):
+    """One backward slot per downstream node (positions summed in the seed) gives the
+    same ``sum``-aggregated edges as the engine's per-position slots, on every family."""
+    from attribution.edges import edge_effects
+    from attribution.edges_summed import summed_edge_effects
+    from attribution.effects import node_effects
+    from attribution.metrics import neg_log_prob
+    from sfc.catalog import top_k_nodes
+
+    model = tiny_model(family, dtype=torch.float64)
+    ids = torch.randint(0, VOCAB, (3, 6), generator=torch.Generator().manual_seed(2))
+    dicts = tiny_dictionaries(model, ids, width=24)
+    batch = pad_batch([ids[0].tolist(), ids[1, 2:].tolist(), ids[2, 1:].tolist()])
+    metric = neg_log_prob(torch.tensor([3, 7, 11]))
+    eff = node_effects(model, dicts, batch, None, metric, method="attrib", metric_positions="last", progress=False)
+    chosen = top_k_nodes(eff, 20, 0.0)
+    mine = summed_edge_effects(model, dicts, batch, eff, metric, chosen)
+    masks = {}
+    for name in eff.features:
+        e = torch.cat([eff.features[name], eff.errors[name][..., None]], -1)
+        keep = torch.zeros(e.shape[-1], dtype=torch.bool)
+        keep[chosen[name]] = True
+        masks[name] = keep.expand_as(e) & (e != 0)
+    ref = edge_effects(model, dicts, batch, eff, metric, aggregation="sum", downstream=masks, progress=False)
+    assert set(mine.pairs) == set(ref.pairs) and mine.pairs
+    assert mine.n_backward_slots < ref.n_backward_slots
+    for key in ref.pairs:
+        ia, wa = mine.pairs[key].aggregate("sum", 3)
+        ib, wb = ref.pairs[key].aggregate("sum", 3)
+        da = {tuple(i): w for i, w in zip(ia.T.tolist(), wa.tolist())}
+        db = {tuple(i): w for i, w in zip(ib.T.tolist(), wb.tolist())}
+        assert set(da) == set(db)
+        np.testing.assert_allclose([da[k] for k in db], list(db.values()), rtol=1e-9, atol=1e-12)
