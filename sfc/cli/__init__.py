@@ -12,6 +12,7 @@ import importlib
 import sys
 
 COMMANDS = {
+    "catalog": "sfc.cli.catalog",
     "dashboards": "sfc.cli.dashboards",
     "dictionaries": "sfc.cli.dictionaries",
     "discover": "sfc.cli.discover",
