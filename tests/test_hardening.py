@@ -730,7 +730,7 @@ def test_prompts_of_different_lengths_are_refused_with_their_line_numbers(tiny_s
         ("the he of it", "the she of it", " is", " are"),
     ])
     argv = _discover(model_dir, dicts, task, tmp_path / "out")
-    argv[argv.index("--examples") + 1] = "2"  # 5 rows: 2 test, 3 train
+    argv[argv.index("--examples") + 1] = "3"  # 5 rows: 2 test, 3 train, so every row is tokenised
     rc, _, err = run_cli(argv, capsys)
     line = _one_error_line(err, "discover")
     assert rc == 2
