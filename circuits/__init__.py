@@ -5,7 +5,7 @@ Public names are imported on first use, so that reading a circuit file (the
 viewer) does not load the attribution engine.
 """
 
-from importlib import import_module
+from attribution.lazy import lazy_exports
 
 _EXPORTS = {
     "build_circuit": "circuits.build",
@@ -30,13 +30,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'circuits' has no attribute {name!r}")
-    value = getattr(import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports("circuits", _EXPORTS, globals())

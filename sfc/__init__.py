@@ -13,7 +13,7 @@ The pipeline behind them, one way: ``attribution`` (model, dictionaries, effects
 < ``sfc`` (this facade, the ``discover`` job and the command line).
 """
 
-from importlib import import_module
+from attribution.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     # the model and its dictionaries
@@ -86,13 +86,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'sfc' has no attribute {name!r}")
-    value = getattr(import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports("sfc", _EXPORTS, globals())
