@@ -317,6 +317,18 @@ def exact_patching(
     return feats, errs
 
 
+def resolve_sites(
+    model: SFCModel, dictionaries: dict[str, Dictionary], sites: list[Site] | list[str] | None
+) -> list[Site]:
+    """The sites to attribute, in forward order: those named (or given), else every site
+    that has a dictionary."""
+    if sites is None:
+        sites = [s for s in model.all_sites() if s.name in dictionaries]
+    elif sites and isinstance(sites[0], str):
+        sites = model.sites(list(sites))
+    return sorted(sites, key=lambda s: s.order)
+
+
 def node_effects(
     model: SFCModel,
     dictionaries: dict[str, Dictionary],
@@ -347,11 +359,7 @@ def node_effects(
     gradient at every IG point (``steps`` times the memory of ``grads``) for IG
     edges, :func:`attribution.edges.edge_effects` with ``edge_method="ig"``.
     """
-    if sites is None:
-        sites = [s for s in model.all_sites() if s.name in dictionaries]
-    elif sites and isinstance(sites[0], str):
-        sites = model.sites(list(sites))
-    sites = sorted(sites, key=lambda s: s.order)
+    sites = resolve_sites(model, dictionaries, sites)
     clean_b = model.tokenize(clean)
     patch_b = model.tokenize(patch) if patch is not None else None
     _check_inputs(model, sites, dictionaries, clean_b, patch_b)

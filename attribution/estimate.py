@@ -34,7 +34,7 @@ from torch import Tensor
 
 from attribution.dictionaries.kinds import Dictionary
 from attribution.edges import edge_effects, select_downstream
-from attribution.effects import node_effects
+from attribution.effects import node_effects, resolve_sites
 from attribution.model import tracing
 from attribution.model.sites import Site, get_module
 from attribution.model.wrapper import Batch, SFCModel
@@ -219,11 +219,7 @@ def estimate(
     if method == "exact":
         raise ValueError("The estimate covers method 'attrib' and 'ig'; exact patching runs one pass per node.")
     t_start = time.perf_counter()
-    if sites is None:
-        sites = [s for s in model.all_sites() if s.name in dictionaries]
-    elif sites and isinstance(sites[0], str):
-        sites = model.sites(list(sites))
-    sites = sorted(sites, key=lambda s: s.order)
+    sites = resolve_sites(model, dictionaries, sites)
     batch = model.tokenize(clean)
     patch_b = model.tokenize(patch) if patch is not None else None
     device = model.device
