@@ -151,12 +151,23 @@ def pool(h: Tensor, mask: Tensor) -> Tensor:
 class ProbeConfig:
     """Probe training (SPEC §6.2): AdamW ``lr``, ``epochs``, ``batch_size``, ``seed``, ``weight_decay``.
 
-    ``standardize``: train on inputs scaled to zero mean and unit variance per
-    dimension (statistics of the training set), then fold the scaling back into
-    the weights, so the result is still ``nn.Linear`` on the raw pooled residual.
-    The residual stream's dimensions differ in scale by orders of magnitude
-    (massive activations), and with a few hundred examples one epoch of AdamW on
-    raw inputs often ends at chance; the paper trained on ~22k examples.
+    ``standardize``: how inputs are scaled during training; the scaling is folded
+    back into the weights afterwards, so the result is always ``nn.Linear`` on the
+    raw pooled residual.
+
+    - ``"global"`` (default): centre each dimension (training-set mean) and divide
+      by one scalar, the root-mean-square norm of the centred inputs over ``√d``.
+      This keeps the geometry of the residual stream: only the constant offsets
+      (SmolLM2's massive activations) go, and directions keep their relative
+      variance, as in the paper's unscaled probe;
+    - ``"dimension"``: zero mean and unit variance per dimension. It trains fastest
+      on few examples but magnifies low-variance directions, such as the SAE
+      error left after SHIFT's ablation, so a retrained probe finds leftover
+      spurious signal there more easily (docs/shift.md, §2);
+    - ``"none"``: the paper's raw inputs (with a few hundred examples, one epoch of
+      AdamW on raw SmolLM2 residuals often ends at chance; the paper trained on ~22k).
+
+    ``True`` and ``False`` are read as ``"dimension"`` and ``"none"``.
     """
 
     lr: float = 1e-2
@@ -164,7 +175,13 @@ class ProbeConfig:
     batch_size: int = 16
     seed: int = 42
     weight_decay: float = 0.01
-    standardize: bool = True
+    standardize: str | bool = "global"
+
+    def scaling(self) -> str:
+        mode = {True: "dimension", False: "none"}.get(self.standardize, self.standardize)
+        if mode not in ("global", "dimension", "none"):
+            raise ValueError(f"Unknown standardize {self.standardize!r}: choose 'global', 'dimension' or 'none'.")
+        return mode
 
 
 def train_probe(x: Tensor, y: list[int] | Tensor, config: ProbeConfig | None = None) -> nn.Linear:
@@ -174,8 +191,14 @@ def train_probe(x: Tensor, y: list[int] | Tensor, config: ProbeConfig | None = N
     if len(set(y.tolist())) < 2:
         raise ValueError("The probe's training set has a single class: it needs examples of both labels.")
     x = x.float()
-    mu = x.mean(0) if cfg.standardize else torch.zeros(x.shape[1])
-    sd = x.std(0).clamp(min=1e-6) if cfg.standardize and len(x) > 1 else torch.ones(x.shape[1])
+    mode = cfg.scaling()
+    mu = torch.zeros(x.shape[1]) if mode == "none" else x.mean(0)
+    if mode == "dimension" and len(x) > 1:
+        sd = x.std(0).clamp(min=1e-6)
+    elif mode == "global":
+        sd = ((x - mu).square().sum(1).mean() / x.shape[1]).sqrt().clamp(min=1e-6).expand(x.shape[1])
+    else:
+        sd = torch.ones(x.shape[1])
     xs = (x - mu) / sd
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)

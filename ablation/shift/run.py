@@ -14,6 +14,7 @@
 
    - ``original``: the original probe;
    - ``random``: as many random features of the scored sites zero-ablated, original probe;
+     the mean over ``random_draws`` seeded draws (each draw is kept under ``"draws"``);
    - ``shift``: the flagged features zero-ablated (errors kept), original probe;
    - ``shift_retrain``: a fresh probe trained on ablated ambiguous-train activations;
    - ``feature_skyline``: the top features by IG effect with the *spurious*
@@ -69,7 +70,7 @@ from circuits.flags import VERSION as FLAGS_VERSION
 from circuits.flags import FeatureFlags, load_flags
 
 ROWS = ("original", "random", "shift", "shift_retrain", "neuron_skyline", "feature_skyline", "oracle")
-DEFAULT_LAYERS = {"smollm2-135m": 3}
+DEFAULT_LAYERS = {"smollm2-135m": 6}
 """The probe layer per embedded model; see docs/shift.md for how it was chosen."""
 KNOWN_DEPTHS = {"smollm2-135m": 30}
 """Depths known without loading the model, so a bad ``layer`` fails at once."""
@@ -85,7 +86,8 @@ class ShiftConfig:
     - ``layer``: the probe layer (default: :data:`DEFAULT_LAYERS`, else the middle block);
     - ``n_score``: examples scored with IG (``steps`` points); ``candidates``: the
       top ranked features shown to the judge (or on the rank page);
-    - ``flags``: ``"auto"`` (the proxy judge) or a flags file path.
+    - ``flags``: ``"auto"`` (the proxy judge) or a flags file path;
+    - ``random_draws``: the ``random`` row averages this many draws of random features.
     """
 
     model: str = "smollm2-135m"
@@ -100,11 +102,12 @@ class ShiftConfig:
     layer: int | None = None
     n_score: int = 32
     steps: int = 10
-    candidates: int = 100
+    candidates: int = 1000
     flags: str = "auto"
     min_auc: float = 0.6
     margin: float = 0.05
     seed: int = 0
+    random_draws: int = 5
     batch_size: int = 32
     device: str = "cpu"
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -117,8 +120,8 @@ class ShiftConfig:
         if self.layer is not None and depth is not None and self.layer >= depth:
             raise ValueError(f"Probe layer {self.layer} is beyond this model's depth: {self.model} has blocks "
                              f"0..{depth - 1}.")
-        if self.n_score < 1 or self.steps < 1 or self.candidates < 1:
-            raise ValueError("n_score, steps and candidates must each be at least 1.")
+        if self.n_score < 1 or self.steps < 1 or self.candidates < 1 or self.random_draws < 1:
+            raise ValueError("n_score, steps, candidates and random_draws must each be at least 1.")
         if self.data != "synthetic":
             if not Path(self.data).exists():
                 raise FileNotFoundError(f"No data file at {self.data}: check the path, or use --data synthetic.")
@@ -338,8 +341,10 @@ def run_shift(
     shift.probe = retrained
     shift.info = {"flags": source, "method": "shift_retrain"}
 
-    rand = edited(random_features(dictionaries, sites, k, config.seed), dictionaries)
-    results["random"] = evaluate(original, pooled(test.texts, rand, "pool test (random)"))
+    draws = [evaluate(original, pooled(test.texts, edited(random_features(dictionaries, sites, k, config.seed + r),
+                                                          dictionaries), f"pool test (random {r + 1})"))
+             for r in range(config.random_draws)]
+    results["random"] = average_draws(draws)
 
     # skylines: no human; the spurious attribute is the target, on the balanced train set
     nb = min(config.n_score, len(bal))
@@ -372,13 +377,23 @@ def run_shift(
                                                                              neuron_values),
                                                           "pool test (neuron skyline)"))
     rows = [{"method": m, **{key: results[m][key] for key in ("profession_acc", "gender_acc", "worst_group_acc")},
-             "groups": results[m]["groups"]} for m in ROWS]
+             "groups": results[m]["groups"], **({"draws": results[m]["draws"]} if "draws" in results[m] else {})}
+            for m in ROWS]
     settings = {**{key: v for key, v in asdict(config).items() if key != "probe"}, "probe": asdict(pc),
                 "layer": layer, "sites": sites, "flags_source": source, "n_flagged": k,
                 "n_feature_skyline": len(sky), "n_neuron_skyline": sum(len(v) for v in neuron_flags.values()),
                 "n_scored": n, "model_name": model.name, "dictionaries": {s: ids.get(s) for s in sites},
                 "seconds": round(time.time() - t0 + setup.seconds, 1)}
     return ShiftResult(rows, flagged.keys, ranking, verdicts, settings, bias, shift, notes)
+
+
+def average_draws(draws: list[dict[str, Any]]) -> dict[str, Any]:
+    """The mean of each accuracy over random draws, with the draws themselves under ``"draws"``."""
+    keys = ("profession_acc", "gender_acc", "worst_group_acc")
+    out: dict[str, Any] = {key: sum(d[key] for d in draws) / len(draws) for key in keys}
+    out["groups"] = {g: sum(d["groups"][g] for d in draws) / len(draws) for g in draws[0]["groups"]}
+    out["draws"] = [{key: d[key] for key in keys} for d in draws]
+    return out
 
 
 @torch.no_grad()

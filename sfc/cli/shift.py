@@ -23,7 +23,7 @@ from pathlib import Path
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded), an HF id or a local folder")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--layer", type=int, default=None, help="probe layer (default: 3 for smollm2-135m)")
+    p.add_argument("--layer", type=int, default=None, help="probe layer (default: 6 for smollm2-135m)")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a train file (csv, json, jsonl, parquet)")
     p.add_argument("--test-data", default=None, help="the test file, with --data FILE")
     p.add_argument("--data-format", choices=["table", "bias_in_bios"], default="table",
@@ -35,8 +35,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-test", type=int, default=100, help="synthetic test bios per group (default 100)")
     p.add_argument("--n-score", type=int, default=100, help="ambiguous examples scored with IG (default 100)")
     p.add_argument("--steps", type=int, default=10, help="integrated-gradients steps")
-    p.add_argument("--candidates", type=int, default=100, help="top-ranked features the proxy judge reads")
+    p.add_argument("--candidates", type=int, default=1000, help="top-ranked features the proxy judge reads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--random-draws", type=int, default=5, help="draws of random features the random row averages")
+    p.add_argument("--probe-scaling", choices=["global", "dimension", "none"], default="global",
+                   help="input scaling while the probe trains (folded back into its weights; docs/shift.md)")
     p.add_argument("--device", default="cpu")
 
 
@@ -57,6 +60,7 @@ def add_parser(subparsers) -> None:
 
 
 def _config(args):
+    from ablation.shift.probe import ProbeConfig
     from ablation.shift.run import ShiftConfig, load_splits
 
     out = Path(args.out)
@@ -67,6 +71,7 @@ def _config(args):
         text_column=args.text_column, label_column=args.label_column, spurious_column=args.spurious_column,
         n_train=args.n_train, n_test=args.n_test, layer=args.layer, n_score=args.n_score, steps=args.steps,
         candidates=args.candidates, flags=getattr(args, "flags", "auto"), seed=args.seed, device=args.device,
+        random_draws=args.random_draws, probe=ProbeConfig(standardize=args.probe_scaling),
     )
     cfg.check()
     splits = load_splits(cfg)  # data errors (a missing column, a single class) before the model loads
