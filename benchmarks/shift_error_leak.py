@@ -7,8 +7,8 @@ space: ``pool(x) - pool(f)[:, F] @ W_dec[F]``):
 - ``gender_from_error_acc`` / ``profession_from_error_acc``: a probe trained on the
   pooled SAE error ``x - decode(encode(x))`` of the balanced train bios, scored on
   the balanced test bios;
-- for the features whose pooled activation separates gender (AUROC ≥ 0.6 and above
-  the profession AUROC + 0.05, on balanced train), the retrained probe's
+- for the features the proxy judge's rule flags (``ablation.shift.judge.verdicts``:
+  gender AUROC ≥ 0.6 and above the profession AUROC + 0.05, on balanced train), the retrained probe's
   accuracies with the error kept (SHIFT) and with the error removed too.
 
 Prints one JSON object. Usage: ``PYTHONPATH=. python benchmarks/shift_error_leak.py [--layer 6]``.
@@ -26,8 +26,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import torch  # noqa: E402
 
 from ablation.shift.data import synthetic_splits  # noqa: E402
-from ablation.shift.judge import auroc  # noqa: E402
-from ablation.shift.probe import ProbeConfig, accuracies, pool, predict, probe_model, train_probe  # noqa: E402
+from ablation.shift.judge import verdicts  # noqa: E402
+from ablation.shift.probe import MEASURES, ProbeConfig, accuracies, pool, predict, probe_model, train_probe  # noqa: E402
 from attribution.dictionaries.sets import load_dictionaries  # noqa: E402
 from attribution.model import tracing  # noqa: E402
 from attribution.model.loading import load_model  # noqa: E402
@@ -63,19 +63,15 @@ def main() -> None:
 
     def table(probe, x):
         r = accuracies(predict(probe, x), test.labels, test.spurious)
-        return {k: round(r[k], 4) for k in ("profession_acc", "gender_acc", "worst_group_acc")}
+        return {k: round(r[k], 4) for k in MEASURES}
 
     def acc(target_train, target_test, x_train, x_test):
         p = train_probe(x_train, target_train, cfg)
         return round(float((predict(p, x_test) == torch.as_tensor(target_test)).float().mean()), 4)
 
-    z, y = torch.as_tensor(bal.spurious), torch.as_tensor(bal.labels)
-    flagged = []
-    for j in (cb.abs().sum(0) > 0).nonzero()[:, 0].tolist():
-        a_z, a_y = auroc(cb[:, j], z), auroc(cb[:, j], y)
-        a_z, a_y = max(a_z, 1 - a_z), max(a_y, 1 - a_y)
-        if a_z >= 0.6 and a_z > a_y + 0.05:
-            flagged.append(j)
+    alive = (cb.abs().sum(0) > 0).nonzero()[:, 0].tolist()
+    judged = verdicts(cb[:, alive], [str(j) for j in alive], bal.labels, bal.spurious)
+    flagged = [int(v.key) for v in judged if v.flagged]
     w = sae.W_dec.float()[flagged]
     keep = lambda x, c: x - c[:, flagged] @ w  # noqa: E731
     out = {

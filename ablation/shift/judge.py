@@ -91,11 +91,17 @@ def judge(
         return []
     keys = [c.key for c in candidates]
     x = pooled_features(model, dictionaries, keys, texts, progress=progress)
+    return verdicts(x, keys, labels, spurious, min_auc=min_auc, margin=margin)
+
+
+def verdicts(pooled: Tensor, keys: list[str], labels: list[int], spurious: list[int], *,
+             min_auc: float = 0.6, margin: float = 0.05) -> list[Verdict]:
+    """The judge's rule (module docstring) on pooled activations ``[n, len(keys)]``."""
     y, z = torch.as_tensor(labels), torch.as_tensor(spurious)
     out = []
     for j, key in enumerate(keys):
-        a_z = auroc(x[:, j], z)
-        a_y = auroc(x[:, j], y)
+        a_z = auroc(pooled[:, j], z)
+        a_y = auroc(pooled[:, j], y)
         a_z, a_y = max(a_z, 1 - a_z), max(a_y, 1 - a_y)
         out.append(Verdict(key, a_z, a_y, a_z >= min_auc and a_z > a_y + margin))
     return out

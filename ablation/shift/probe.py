@@ -221,6 +221,10 @@ def train_probe(x: Tensor, y: list[int] | Tensor, config: ProbeConfig | None = N
     return probe
 
 
+MEASURES = ("profession_acc", "gender_acc", "worst_group_acc")
+"""The three accuracies of each row of the results table (paper Table 2)."""
+
+
 @torch.no_grad()
 def predict(probe: nn.Linear, x: Tensor) -> Tensor:
     """Predicted labels ``[n]`` (logit > 0)."""

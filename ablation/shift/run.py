@@ -54,6 +54,7 @@ from ablation.shift.data import (
 from ablation.shift.edit import EditedModel
 from ablation.shift.judge import Verdict, judge
 from ablation.shift.probe import (
+    MEASURES,
     ProbeConfig,
     accuracies,
     check_layer,
@@ -376,7 +377,7 @@ def run_shift(
     results["neuron_skyline"] = evaluate(original, pooled(test.texts, edited(neuron_flags, neuron_dictionaries,
                                                                              neuron_values),
                                                           "pool test (neuron skyline)"))
-    rows = [{"method": m, **{key: results[m][key] for key in ("profession_acc", "gender_acc", "worst_group_acc")},
+    rows = [{"method": m, **{key: results[m][key] for key in MEASURES},
              "groups": results[m]["groups"], **({"draws": results[m]["draws"]} if "draws" in results[m] else {})}
             for m in ROWS]
     settings = {**{key: v for key, v in asdict(config).items() if key != "probe"}, "probe": asdict(pc),
@@ -389,10 +390,9 @@ def run_shift(
 
 def average_draws(draws: list[dict[str, Any]]) -> dict[str, Any]:
     """The mean of each accuracy over random draws, with the draws themselves under ``"draws"``."""
-    keys = ("profession_acc", "gender_acc", "worst_group_acc")
-    out: dict[str, Any] = {key: sum(d[key] for d in draws) / len(draws) for key in keys}
+    out: dict[str, Any] = {key: sum(d[key] for d in draws) / len(draws) for key in MEASURES}
     out["groups"] = {g: sum(d["groups"][g] for d in draws) / len(draws) for g in draws[0]["groups"]}
-    out["draws"] = [{key: d[key] for key in keys} for d in draws]
+    out["draws"] = [{key: d[key] for key in MEASURES} for d in draws]
     return out
 
 

@@ -38,7 +38,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--candidates", type=int, default=1000, help="top-ranked features the proxy judge reads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--random-draws", type=int, default=5, help="draws of random features the random row averages")
-    p.add_argument("--probe-scaling", choices=["global", "dimension", "none"], default="global",
+    p.add_argument("--probe-standardize", choices=["global", "dimension", "none"], default="global",
                    help="input scaling while the probe trains (folded back into its weights; docs/shift.md)")
     p.add_argument("--device", default="cpu")
 
@@ -71,7 +71,7 @@ def _config(args):
         text_column=args.text_column, label_column=args.label_column, spurious_column=args.spurious_column,
         n_train=args.n_train, n_test=args.n_test, layer=args.layer, n_score=args.n_score, steps=args.steps,
         candidates=args.candidates, flags=getattr(args, "flags", "auto"), seed=args.seed, device=args.device,
-        random_draws=args.random_draws, probe=ProbeConfig(standardize=args.probe_scaling),
+        random_draws=args.random_draws, probe=ProbeConfig(standardize=args.probe_standardize),
     )
     cfg.check()
     splits = load_splits(cfg)  # data errors (a missing column, a single class) before the model loads
