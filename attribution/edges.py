@@ -45,12 +45,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from attribution import memory
 from attribution.dictionaries.kinds import SAE, Dictionary
 from attribution.effects import Aggregation, NodeEffects, ig_alphas, wide
 from attribution.model import tracing
 from attribution.model.sites import Site
 from attribution.model.wrapper import Batch, SFCModel
 from attribution.options import EdgeMethod
+from attribution.sparse import SparseFeaturePairs
 
 Selection = Literal["position", "aggregate"]
 
@@ -100,7 +102,7 @@ class EdgeEffects:
     """
 
     pairs: dict[tuple[str, str], SiteEdges] = field(default_factory=dict)
-    to_metric: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    to_metric: SparseFeaturePairs = field(default_factory=SparseFeaturePairs)
     n_examples: int = 0
     n_selected: dict[str, int] = field(default_factory=dict)
     n_backward_slots: int = 0
@@ -125,10 +127,12 @@ def select_downstream(
     out = {}
     agg_f, agg_e = effects.aggregate(aggregation) if selection == "aggregate" else ({}, {})
     for name in effects.features:
-        eff = torch.cat([effects.features[name], effects.errors[name][..., None]], dim=-1)
+        memory.trim()
         if selection == "position":
-            out[name] = eff.abs() > threshold
+            out[name] = torch.cat([effects.features[name].abs() > threshold,
+                                   effects.errors[name][..., None].abs() > threshold], dim=-1)
             continue
+        eff = torch.cat([effects.features[name], effects.errors[name][..., None]], dim=-1)
         agg = torch.cat([agg_f[name], agg_e[name][..., None]], dim=-1)
         passed = (agg.abs() > threshold).expand_as(eff) if aggregation == "sum" else (agg.abs() > threshold)[None].expand_as(eff)
         out[name] = passed & (eff != 0)
@@ -177,18 +181,34 @@ def _seeds(x: Tensor, dic: Dictionary, grad: Tensor, nodes: Tensor) -> Tensor:
 class _Changed:
     """An upstream site's changed nodes for one example, grouped by position.
 
-    ``vec [s, E, d]``: ``Δf_j W_dec[j]`` for the ``E`` (padded) changed features
-    at each position, ``feat [s, E]`` their indices (``-1`` = padding), and
-    ``err [s, d]``: ``Δe``. Edge weights into a node with upstream gradient
-    ``G [s, d]`` are then ``G · vec`` and ``G · err``.
+    ``feat [s, E]``: the indices of the ``E`` (padded) changed features at each
+    position (``-1`` = padding), ``where [2, K]`` the ``(position, column)`` of
+    each of the ``K`` changed features in ``feat``, ``delta [K]`` their ``Δf_j``,
+    and ``err [s, d]``: ``Δe``. Edge weights into a node with upstream gradient
+    ``G [s, d]`` are ``G · Δf_j W_dec[j]`` and ``G · Δe``; the ``Δf_j W_dec[j]``
+    rows (:meth:`vec`) are rebuilt when needed rather than kept, since at large
+    widths they outweigh everything else an edge run holds.
     """
 
-    vec: Tensor
     feat: Tensor
+    where: Tensor
+    delta: Tensor
     err: Tensor
+    kept: Tensor | None = None
+
+    def vec(self, W_dec: Tensor) -> Tensor:  # noqa: N803
+        """``[s, E, d]``: ``Δf_j W_dec[j]`` at each changed feature's place, zeros in the padding
+        (kept after the first call only where ``keep_vec`` asked for it)."""
+        if self.kept is not None:
+            return self.kept
+        seq, width = self.feat.shape
+        out = torch.zeros(seq, width, W_dec.shape[1], dtype=self.err.dtype, device=self.err.device)
+        feats = self.feat[self.where[0], self.where[1]]
+        out[self.where[0], self.where[1]] = self.delta[:, None] * W_dec[feats].to(self.err.dtype)
+        return out
 
 
-def _changed_nodes(delta_f: Tensor, delta_e: Tensor, dic: Dictionary) -> list[_Changed]:
+def _changed_nodes(delta_f: Tensor, delta_e: Tensor) -> list[_Changed]:
     out = []
     for ex in range(delta_f.shape[0]):
         pos, feat = delta_f[ex].nonzero(as_tuple=True)
@@ -196,39 +216,64 @@ def _changed_nodes(delta_f: Tensor, delta_e: Tensor, dic: Dictionary) -> list[_C
         counts = torch.bincount(pos, minlength=seq)
         width = int(counts.max()) if len(pos) else 0
         slot = torch.arange(len(pos), device=pos.device) - torch.cumsum(counts, 0)[pos] + counts[pos]
-        vec = torch.zeros(seq, width, dic.W_dec.shape[1], dtype=delta_e.dtype,
-                          device=delta_e.device)
         ids = torch.full((seq, width), -1, dtype=torch.long, device=pos.device)
-        vec[pos, slot] = delta_f[ex, pos, feat, None] * dic.W_dec[feat]
         ids[pos, slot] = feat
-        out.append(_Changed(vec, ids, delta_e[ex]))
+        out.append(_Changed(ids, torch.stack([pos, slot]), delta_f[ex, pos, feat], delta_e[ex]))
     return out
 
 
+class ChangedNodes:
+    """The changed nodes of each upstream site (:class:`_Changed`, per example), built on
+    first use from the node effects' deltas; :meth:`keep` drops the sites a downstream
+    site no longer reads, so only the sites adjacent to the current one are held.
+    With ``dictionaries``, each example's ``Δf_j W_dec[j]`` rows are built once and kept
+    (faster for many small calls, heavier at large widths)."""
+
+    def __init__(self, effects: NodeEffects, dictionaries: dict[str, Dictionary] | None = None) -> None:
+        self._effects = effects
+        self._keep_vec = dictionaries
+        self._held: dict[str, list[_Changed]] = {}
+
+    def __getitem__(self, name: str) -> list[_Changed]:
+        if name not in self._held:
+            out = _changed_nodes(self._effects.delta_features[name], self._effects.delta_errors[name])
+            if self._keep_vec is not None:  # trade memory for time: build each example's rows once
+                for ch in out:
+                    ch.kept = ch.vec(self._keep_vec[name].W_dec)
+            self._held[name] = out
+        return self._held[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._held
+
+    def keep(self, names: list[str]) -> None:
+        self._held = {k: v for k, v in self._held.items() if k in names}
+
+
 def _upstream_weights(
-    G: Tensor, nodes_ex: Tensor, changed: list[_Changed], width: int  # noqa: N803
+    G: Tensor, nodes_ex: Tensor, changed: list[_Changed], dic: Dictionary  # noqa: N803
 ) -> tuple[Tensor, Tensor]:
     """Edge weights from every changed upstream node into ``n`` downstream nodes.
 
     ``G [n, s, d_u]``: gradient at the upstream leaf for each downstream node,
-    whose example is ``nodes_ex [n]``. Returns ``(index [3, nnz], weight [nnz])``
-    with index rows ``(node_row, up_position, up_node)``; ``up_node == width``
-    is the upstream error node.
+    whose example is ``nodes_ex [n]``; ``dic`` is the upstream site's dictionary.
+    Returns ``(index [3, nnz], weight [nnz])`` with index rows ``(node_row,
+    up_position, up_node)``; ``up_node == dic.width`` is the upstream error node.
     """
     out_idx, out_w = [], []
     for ex in nodes_ex.unique().tolist():
         which = (nodes_ex == ex).nonzero()[:, 0]
         Gx = G[which]  # noqa: N806  [n_x, s, d]
         ch = changed[ex]
-        if ch.vec.shape[1]:
+        if ch.feat.shape[1]:
             # One batched matmul over positions: [s, n_x, d] @ [s, d, E] -> [s, n_x, E].
-            w = torch.bmm(Gx.transpose(0, 1), ch.vec.transpose(1, 2)) * (ch.feat >= 0)[:, None, :]
+            w = torch.bmm(Gx.transpose(0, 1), ch.vec(dic.W_dec).transpose(1, 2)) * (ch.feat >= 0)[:, None, :]
             p, r, e = w.nonzero(as_tuple=True)
             out_idx.append(torch.stack([which[r], p, ch.feat[p, e]]))
             out_w.append(w[p, r, e])
         we = (Gx * ch.err[None]).sum(-1)  # [n_x, s]
         r, p = we.nonzero(as_tuple=True)
-        out_idx.append(torch.stack([which[r], p, torch.full_like(p, width)]))
+        out_idx.append(torch.stack([which[r], p, torch.full_like(p, dic.width)]))
         out_w.append(we[r, p])
     return torch.cat(out_idx, dim=1), torch.cat(out_w)
 
@@ -374,7 +419,7 @@ def edge_effects(
             dic.feature_grads(g) * effects.delta_features[name], (g * effects.delta_errors[name]).sum(-1)
         )
 
-    changed: dict[str, list[_Changed]] = {}
+    changed = ChangedNodes(effects)
     work = [st for st in sites if selected.get(st.name) is not None and selected[st.name].any()]
     bar = tqdm(total=sum(int(selected[st.name].sum()) for st in work), desc="edges", unit="node",
                disable=not progress)
@@ -389,6 +434,7 @@ def edge_effects(
         if not x_d.requires_grad or not ups:
             bar.update(int(selected[down.name].sum()))
             continue
+        changed.keep([u.name for u in ups])
         nodes = selected[down.name].nonzero()  # [n, 3] (example, position, node)
         n = len(nodes)
         result.n_selected[down.name] = n
@@ -443,11 +489,9 @@ def edge_effects(
                     Gn = Gn * (torch.arange(s, device=Gn.device)[None, :] == nd[:, 1:2])[..., None]  # noqa: N806
                 if up.name not in changed:
                     t_fixed = time.perf_counter()
-                    changed[up.name] = _changed_nodes(
-                        effects.delta_features[up.name], effects.delta_errors[up.name], dictionaries[up.name]
-                    )
+                    changed[up.name]  # noqa: B018 - built here so its time is not counted per node
                     t_node += time.perf_counter() - t_fixed  # once per upstream site: not per node
-                idx, w = _upstream_weights(Gn, nd[:, 0], changed[up.name], dictionaries[up.name].width)
+                idx, w = _upstream_weights(Gn, nd[:, 0], changed[up.name], dictionaries[up.name])
                 r = in_chunk[idx[0]]
                 acc_idx[up.name].append(torch.stack([nodes[r, 0], nodes[r, 1], nodes[r, 2], idx[1], idx[2]]))
                 acc_w[up.name].append(w)
@@ -459,5 +503,6 @@ def edge_effects(
                     up.name, down.name, torch.cat(acc_idx[up.name], 1), torch.cat(acc_w[up.name]),
                     dictionaries[down.name].width, dictionaries[up.name].width,
                 )
+        memory.trim()
     bar.close()
     return result

@@ -25,9 +25,9 @@ from torch import Tensor
 
 from attribution.dictionaries.kinds import Dictionary
 from attribution.edges import (
+    ChangedNodes,
     EdgeEffects,
     SiteEdges,
-    _changed_nodes,
     _probe,
     _seeds,
     _upstream_weights,
@@ -77,7 +77,7 @@ def summed_edge_effects(
             (g @ dic.W_dec.T) * effects.delta_features[name], (g * effects.delta_errors[name]).sum(-1)
         )
 
-    changed: dict[str, list] = {}
+    changed = ChangedNodes(effects)
     for i_d, down in enumerate(sites):
         ids = downstream.get(down.name)
         if ids is None or len(ids) == 0:
@@ -90,6 +90,7 @@ def summed_edge_effects(
             ups = [u for u, is_used in zip(ups, used) if is_used]
         if not x_d.requires_grad or not ups:
             continue
+        changed.keep([u.name for u in ups])
         dic = dictionaries[down.name]
         eff = torch.cat([effects.features[down.name], effects.errors[down.name][..., None]], dim=-1)
         sel = torch.zeros_like(eff, dtype=torch.bool)
@@ -122,11 +123,7 @@ def summed_edge_effects(
                 if G is None:
                     continue
                 Gn = wide(G[pairs[0], pairs[1]])  # noqa: N806  [P, s, d_u], summed over downstream positions
-                if up.name not in changed:
-                    changed[up.name] = _changed_nodes(
-                        effects.delta_features[up.name], effects.delta_errors[up.name], dictionaries[up.name]
-                    )
-                idx, w = _upstream_weights(Gn, pairs[1], changed[up.name], dictionaries[up.name].width)
+                idx, w = _upstream_weights(Gn, pairs[1], changed[up.name], dictionaries[up.name])
                 r = idx[0]
                 zero = torch.zeros_like(r)
                 acc_idx[up.name].append(torch.stack([pairs[1][r], zero, ids[pairs[0][r] + start], zero, idx[2]]))

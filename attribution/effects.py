@@ -29,11 +29,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from attribution import memory
 from attribution.dictionaries.kinds import Dictionary
 from attribution.model import tracing
 from attribution.model.sites import Site
 from attribution.model.wrapper import Batch, SFCModel
 from attribution.options import AblationKind, Aggregation, Method
+from attribution.sparse import SparseTensors
 
 IGPoints = Literal["paper", "reference", "midpoint"]
 
@@ -56,16 +58,20 @@ class NodeEffects:
     - ``step_grads[site]``: ``[steps, b, s, d]``, the gradient at each IG point
       (``alphas`` in ``info``), kept only with ``keep_step_grads=True``; IG edges
       (``edge_method="ig"``) pair it with the Jacobian at the same point.
+
+    The three ``[b, s, F]`` mappings are :class:`~attribution.sparse.SparseTensors`:
+    stored sparse, handed out dense one site at a time (``effects.features[site]``
+    is a fresh tensor; assign to it to change what is stored).
     """
 
     sites: list[Site]
     method: Method
-    features: dict[str, Tensor]
+    features: SparseTensors
     errors: dict[str, Tensor]
     grads: dict[str, Tensor | None]
-    delta_features: dict[str, Tensor]
+    delta_features: SparseTensors
     delta_errors: dict[str, Tensor]
-    clean_features: dict[str, Tensor]
+    clean_features: SparseTensors
     mask: Tensor
     metric_clean: Tensor
     metric_patch: Tensor | None = None
@@ -137,8 +143,8 @@ class _States:
 
     x_clean: dict[str, Tensor]
     x_patch: dict[str, Tensor]
-    f_clean: dict[str, Tensor]
-    delta_f: dict[str, Tensor]
+    f_clean: SparseTensors
+    delta_f: SparseTensors
     delta_e: dict[str, Tensor]
     metric_clean: Tensor
     metric_patch: Tensor | None
@@ -161,7 +167,8 @@ def _states(
     run_c = clean_run or tracing.run(model, clean, sites, metric, rows, "read", positions=positions)
     run_p = tracing.run(model, patch, sites, metric, rows, "read", positions=positions) if patch is not None else None
     mask = clean.attention_mask[..., None]
-    x_c, x_p, f_c, d_f, d_e = {}, {}, {}, {}, {}
+    x_c, x_p, d_e = {}, {}, {}
+    f_c, d_f = SparseTensors(), SparseTensors()  # [b, s, F] per site: mostly zeros
     for site in sites:
         dic = dictionaries[site.name]
         xc = wide(run_c.acts[site.name].detach())
@@ -186,6 +193,7 @@ def _states(
         m = mask.to(device=fc.device, dtype=fc.dtype)  # each site may live on its own device
         d_f[site.name] = (fp - fc) * m
         d_e[site.name] = (ep - ec) * m
+        memory.trim()  # this site's dense [b, s, F] blocks are freed: give them back
     m_patch = None if run_p is None else run_p.metric
     return _States(x_c, x_p, f_c, d_f, d_e, run_c.metric.detach(), m_patch)
 
@@ -271,6 +279,7 @@ def integrated_gradients(
         grads[site.name] = total / steps
         if kept is not None:
             step_grads[site.name] = kept
+        memory.trim()
     return grads
 
 
@@ -287,7 +296,7 @@ def exact_patching(
     ``x + Δe``); rows run in batches of ``max_rows``. Returns feature effects
     ``[b, s, F]`` and error effects ``[b, s]``.
     """
-    feats, errs = {}, {}
+    feats, errs = SparseTensors(), {}
     for site in tqdm(sites, desc="exact patching", disable=not progress, unit="site"):
         dic = dictionaries[site.name]
         xc = st.x_clean[site.name]
@@ -393,11 +402,12 @@ def node_effects(
                 model, sites, clean_b, st, metric, steps=steps, points=ig_points,
                 max_rows=max_rows, progress=progress, positions=pos, step_grads=step_grads,
             )
-        feats, errs = {}, {}
+        feats, errs = SparseTensors(), {}
         for site in sites:
             feats[site.name], errs[site.name] = project_effects(
                 grads[site.name], st.delta_f[site.name], st.delta_e[site.name], dictionaries[site.name]
             )
+            memory.trim()
     return NodeEffects(
         sites=sites, method=method, features=feats, errors=errs, grads=grads,
         delta_features=st.delta_f, delta_errors=st.delta_e, clean_features=st.f_clean,

@@ -16,8 +16,9 @@ of edges from
 Memory is counted as the memory held before the run (the model and the
 dictionaries, and on the CPU the Python runtime: the process's resident set)
 plus the engine's working memory: the float32 node states and effects
-(``b·s·(4d + 3F)`` values per site, plus the IG step gradients where IG edges
-keep them), the autograd graph of the largest pass (the bytes the autograd
+(``b·s·4d`` dense values per site, the IG step gradients where IG edges keep
+them, the sparse feature tensors as large as the calibration found them, and the
+dense ``[b, s, F]`` blocks of the one site being built), the autograd graph of the largest pass (the bytes the autograd
 engine saves for backward, counted with ``saved_tensors_hooks`` on one example
 and scaled by the rows of the pass), and for edges the slot chunk that
 ``memory_budget_mb`` allows. Where the estimate exceeds the memory available,
@@ -41,6 +42,9 @@ from attribution.model.wrapper import Batch, SFCModel
 from attribution.options import Aggregation, EdgeMethod, Method
 
 MB = 2**20
+_SITE_BLOCKS = 6
+"""Dense ``[b, s, F]`` float32 blocks alive at once while one site's states are built:
+clean and patch pre-activations and codes, their difference and the masked delta."""
 
 
 @dataclass
@@ -228,20 +232,8 @@ def estimate(
     held, available = memory_state(device)
     w_model, w_dicts = tensor_mb(model.hf), dictionaries_mb({k: dictionaries[k] for k in (x.name for x in sites)})
 
-    # Working memory of the node states and effects (float32), per the engine's tensors.
-    per_site_values = sum(b * s * (4 * st.d + 3 * dictionaries[st.name].width) + b * s for st in sites)
-    keep_steps = edges and edge_method == "ig" and method == "ig"
-    step_values = steps * b * s * sum(st.d for st in sites) if keep_steps else 0
-    states_mb = 4 * (per_site_values + step_values) / MB
-    row_graph = graph_bytes_per_row(model, batch, sites[0], metric_positions) / MB
-    per_pass = max(1, max_rows // b)
-    ig_rows = min(steps, per_pass) * b
-    ig_graph = row_graph * ig_rows + 2 * 4 * ig_rows * s * max(st.d for st in sites) / MB
-    pass_graph = ig_graph if method == "ig" else row_graph * b
-    nodes_peak = held + states_mb + pass_graph
-
     # Calibration 1: attribution patching on the whole batch (times the attrib job itself,
-    # and selects the downstream nodes the edges will need).
+    # selects the downstream nodes the edges will need, and says how sparse the states are).
     _sync(device)
     t0 = time.perf_counter()
     atp = node_effects(model, dictionaries, batch, patch_b, metric, sites=sites, method="attrib",
@@ -249,6 +241,23 @@ def estimate(
     _sync(device)
     t_atp = time.perf_counter() - t0
     selected = select_downstream(atp, node_threshold, selection, aggregation)
+
+    # Working memory of the node states and effects, per the engine's tensors: the dense
+    # float32 [b, s, d] ones of every site, the sparse [b, s, F] ones (their size read off
+    # the calibration), and the dense [b, s, F] blocks of the one site being worked on.
+    dense_values = sum(b * s * (4 * st.d + 1) for st in sites)
+    keep_steps = edges and edge_method == "ig" and method == "ig"
+    step_values = steps * b * s * sum(st.d for st in sites) if keep_steps else 0
+    sparse_mb = sum(getattr(m, "nbytes", lambda: 0)() for m in (atp.features, atp.delta_features,
+                                                                atp.clean_features)) / MB
+    states_mb = 4 * (dense_values + step_values) / MB + sparse_mb
+    site_mb = _SITE_BLOCKS * 4 * b * s * max(dictionaries[st.name].width for st in sites) / MB
+    row_graph = graph_bytes_per_row(model, batch, sites[0], metric_positions) / MB
+    per_pass = max(1, max_rows // b)
+    ig_rows = min(steps, per_pass) * b
+    ig_graph = row_graph * ig_rows + 2 * 4 * ig_rows * s * max(st.d for st in sites) / MB
+    pass_graph = ig_graph if method == "ig" else row_graph * b
+    nodes_peak = held + states_mb + max(site_mb, pass_graph)
     details: dict = {"examples": b, "positions": s, "sites": n_sites, "method": method, "steps": steps,
                      "edge_method": edge_method, "graph_mb_per_row": round(row_graph, 3),
                      "states_mb": round(states_mb, 1), "attrib_calibration_s": round(t_atp, 3),
@@ -331,7 +340,8 @@ def estimate(
                 in_chunk = max(1, int(memory_budget_mb // per))
                 chunk_mb = max(chunk_mb, per * min(slots[st.name], in_chunk))
         results_mb = n_edges * (5 * 8 + 4) * 2 / MB  # index and weight, gathered then concatenated
-        edges_peak = held + states_mb + frozen + chunk_mb + results_mb
+        masks_mb = sum(b * s * (dictionaries[st.name].width + 1) for st in sites) / MB  # boolean selection
+        edges_peak = held + states_mb + masks_mb + frozen + chunk_mb + results_mb
         details |= {"frozen_graph_mb": round(frozen, 1), "slot_chunk_mb": round(chunk_mb, 1)}
     return Estimate(
         nodes_s=nodes_s, edges_s=edges_s, nodes_peak_mb=nodes_peak, edges_peak_mb=edges_peak, held_mb=held,

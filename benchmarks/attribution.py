@@ -20,12 +20,14 @@ Prints one JSON object. Usage: ``python benchmarks/attribution.py --json``.
   largest gap between the sum of the IG edges into a node and that node's own
   contribution along the path, computed with plain torch hooks at the same IG
   points (relative to the largest contribution at the site);
-- for each width in ``--scale-widths`` (default 4096 16384 32768), in a fresh
-  process: ``peak_rss_mb_F<width>`` (IG nodes + default edges, the process's peak
-  resident set), ``dictionary_weights_mb_F<width>``, the measured times, and the
-  estimate's predictions (:func:`attribution.estimate.estimate`, run first in the
-  same process); ``estimate_max_rel_err`` is the largest relative error of the
-  predicted node and edge times and peak memory over those runs.
+- for each width in ``--scale-widths`` (default 4096 16384 32768), in three fresh
+  processes (the node threshold, the estimate, the run, so none inherits another's
+  memory): ``peak_rss_mb_F<width>`` (IG nodes + default edges, the run process's
+  peak resident set; ``..._mmap`` in a fourth process after
+  :func:`attribution.memory.mmap_large_allocations`, as the CLI runs),
+  ``dictionary_weights_mb_F<width>``, the measured times, and the estimate's predictions (:func:`attribution.estimate.estimate`);
+  ``estimate_max_rel_err`` is the largest relative error of the predicted node and
+  edge times and peak memory over those runs.
 
 Run it from the repository root with the repository on the path
 (``PYTHONPATH=. python benchmarks/attribution.py --scale --json``).
@@ -48,7 +50,7 @@ import transformers as tf  # noqa: E402
 
 from attribution.dictionaries.kinds import calibrate_sparsity, random_sae  # noqa: E402
 from attribution.edges import (  # noqa: E402
-    _changed_nodes,
+    ChangedNodes,
     _seeds,
     _upstream_weights,
     edge_effects,
@@ -178,8 +180,7 @@ def loop_edges(model, dicts, clean, effects, metric, selected, traverse: bool = 
     else:
         tr = tracing.run(model, batch, sites, metric, torch.arange(len(batch)), "frozen", positions="last")
     out = {}
-    changed = {s.name: _changed_nodes(effects.delta_features[s.name], effects.delta_errors[s.name], dicts[s.name])
-               for s in sites}
+    changed = ChangedNodes(effects, dicts)  # the baseline keeps every site's rows, as before
     for i_d, down in enumerate(sites):
         nodes = selected[down.name].nonzero()
         if not len(nodes) or not tr.acts[down.name].requires_grad or i_d == 0:
@@ -198,7 +199,7 @@ def loop_edges(model, dicts, clean, effects, metric, selected, traverse: bool = 
                 if g is None:
                     continue
                 idx, w = _upstream_weights(g[nodes[n, 0]][None], nodes[n, :1], changed[up.name],
-                                           dicts[up.name].width)
+                                           dicts[up.name])
                 key = (up.name, down.name)
                 rows = torch.stack([nodes[n, 0].expand(len(w)), nodes[n, 1].expand(len(w)),
                                     nodes[n, 2].expand(len(w)), idx[1], idx[2]])
@@ -219,25 +220,43 @@ def max_rel_diff(batched, looped) -> float:
     return worst
 
 
-def peak_run(width: int, pairs: int, seq: int, l0: float, threshold: float | None) -> dict:
-    """IG nodes and default edges at ``width``, after the estimate, in this (fresh) process."""
-    from attribution.estimate import dictionaries_mb, estimate
-
+def _fixture(width: int, pairs: int, seq: int, l0: float):
     model = pythia_shaped()
     clean, patch, metric = prompt_pairs(pairs, seq)
     sites = model.all_sites()
     acts = tracing.run(model, model.tokenize(clean), sites, None, torch.arange(len(clean))).acts
     dicts = {s.name: calibrate_sparsity(random_sae(s.d, width, seed=i), acts[s.name], l0)
              for i, s in enumerate(sites)}
-    del acts
+    return model, clean, patch, metric, dicts
+
+
+def peak_run(width: int, pairs: int, seq: int, l0: float, threshold: float | None, phase: str,
+             mmap: bool = False) -> dict:
+    """One of the three fresh processes a width gets (so that none sees another's memory):
+
+    - ``threshold``: the node threshold that selects about 3000 downstream nodes, chosen on
+      attribution patching (cheap);
+    - ``estimate``: :func:`attribution.estimate.estimate` at that threshold;
+    - ``run``: IG nodes and default edges, timed, with the process's peak resident set;
+      ``mmap``: after :func:`attribution.memory.mmap_large_allocations`, as the CLI runs.
+    """
+    from attribution.estimate import dictionaries_mb, estimate
+
+    model, clean, patch, metric, dicts = _fixture(width, pairs, seq, l0)
     kw = dict(progress=False, metric_positions="last")
-    if threshold is None:  # about 3000 downstream nodes, chosen on attribution patching (cheap)
+    if phase == "threshold":
         atp = node_effects(model, dicts, clean, patch, metric, method="attrib", **kw)
         every = torch.cat([torch.cat([atp.features[s].flatten(), atp.errors[s].flatten()]) for s in atp.features])
-        threshold = every.abs().topk(3000).values[-1].item()
-        del atp, every
-    est = estimate(model, dicts, clean, patch, metric, method="ig", steps=10, node_threshold=threshold,
-                   metric_positions="last")
+        return {"node_threshold": every.abs().topk(3000).values[-1].item()}
+    if phase == "estimate":
+        est = estimate(model, dicts, clean, patch, metric, method="ig", steps=10, node_threshold=threshold,
+                       metric_positions="last")
+        return {"estimate": est.to_dict()}
+    if mmap:
+        from attribution.memory import mmap_large_allocations
+
+        mmap_large_allocations()
+    rss_held = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     ne = node_effects(model, dicts, clean, patch, metric, method="ig", steps=10, **kw)
     t_nodes = time.perf_counter() - t0
@@ -247,17 +266,12 @@ def peak_run(width: int, pairs: int, seq: int, l0: float, threshold: float | Non
     t_edges = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
-        "width": width, "pairs": pairs, "node_threshold": threshold,
+        "width": width, "pairs": pairs, "node_threshold": threshold, "mmap_large_allocations": mmap,
         "dictionary_weights_mb": round(dictionaries_mb(dicts), 1),
         "nodes_s": round(t_nodes, 3), "edges_s": round(t_edges, 3),
+        "peak_rss_mb_before_run": round(rss_held, 1),
         "peak_rss_mb_after_nodes": round(rss_nodes, 1), "peak_rss_mb": round(peak, 1),
         "downstream_nodes": sum(ee.n_selected.values()), "backward_slots": ee.n_backward_slots,
-        "estimate": est.to_dict(),
-        "estimate_rel_err": {
-            "nodes_s": round(abs(est.nodes_s - t_nodes) / t_nodes, 3),
-            "edges_s": round(abs(est.edges_s - t_edges) / t_edges, 3),
-            "peak_mb": round(abs(est.peak_mb - peak) / peak, 3),
-        },
         "loadavg": open("/proc/loadavg").read().split()[:3],
     }
 
@@ -298,10 +312,14 @@ def main() -> None:
     parser.add_argument("--scale-widths", type=int, nargs="*", default=[4096, 16384, 32768])
     parser.add_argument("--scale-only", action="store_true", help="print only the --scale fields")
     parser.add_argument("--peak-run", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--peak-phase", choices=["threshold", "estimate", "run"], default="run",
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--mmap", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     if args.peak_run:
-        print(json.dumps(peak_run(args.width, args.pairs, args.seq, args.l0, args.node_threshold)))
+        print(json.dumps(peak_run(args.width, args.pairs, args.seq, args.l0, args.node_threshold, args.peak_phase,
+                                  args.mmap)))
         return
     if args.scale_only:
         print(json.dumps(scale_fields(args), indent=2))
@@ -377,12 +395,29 @@ def scale_fields(args) -> dict:
     errs = []
     env = dict(os.environ)
     for width in args.scale_widths:
-        cmd = [sys.executable, __file__, "--peak-run", "--width", str(width), "--pairs", str(args.pairs),
-               "--seq", str(args.seq), "--l0", str(args.l0)]
-        if args.node_threshold is not None:
-            cmd += ["--node-threshold", str(args.node_threshold)]
-        run = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
+        base = [sys.executable, __file__, "--peak-run", "--width", str(width), "--pairs", str(args.pairs),
+                "--seq", str(args.seq), "--l0", str(args.l0)]
+
+        def fresh(phase: str, threshold: float | None, mmap: bool = False, base=base) -> dict:
+            cmd = base + ["--peak-phase", phase] + ([] if threshold is None else ["--node-threshold", str(threshold)])
+            cmd += ["--mmap"] if mmap else []
+            return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
+
+        threshold = args.node_threshold
+        if threshold is None:
+            threshold = fresh("threshold", None)["node_threshold"]
+        est = fresh("estimate", threshold)["estimate"]
+        run = fresh("run", threshold)
+        run_mmap = fresh("run", threshold, mmap=True)
+        run["estimate"] = est
+        run["estimate_rel_err"] = {
+            "nodes_s": round(abs(est["nodes_s"] - run["nodes_s"]) / run["nodes_s"], 3),
+            "edges_s": round(abs(est["edges_s"] - run["edges_s"]) / run["edges_s"], 3),
+            "peak_mb": round(abs(est["peak_mb"] - run["peak_rss_mb"]) / run["peak_rss_mb"], 3),
+        }
         out[f"peak_rss_mb_F{width}"] = run["peak_rss_mb"]
+        out[f"peak_rss_mb_F{width}_mmap"] = run_mmap["peak_rss_mb"]
+        out[f"run_F{width}_mmap"] = run_mmap
         out[f"dictionary_weights_mb_F{width}"] = run["dictionary_weights_mb"]
         out[f"run_F{width}"] = run
         errs += list(run["estimate_rel_err"].values())

@@ -27,7 +27,15 @@ import torch  # noqa: E402
 
 from ablation.shift.data import synthetic_splits  # noqa: E402
 from ablation.shift.judge import verdicts  # noqa: E402
-from ablation.shift.probe import MEASURES, ProbeConfig, accuracies, pool, predict, probe_model, train_probe  # noqa: E402
+from ablation.shift.probe import (  # noqa: E402
+    MEASURES,
+    ProbeConfig,
+    accuracies,
+    pool,
+    predict,
+    probe_model,
+    train_probe,
+)
 from attribution.dictionaries.sets import load_dictionaries  # noqa: E402
 from attribution.model import tracing  # noqa: E402
 from attribution.model.loading import load_model  # noqa: E402
@@ -58,7 +66,7 @@ def main() -> None:
         return torch.cat(xs), torch.cat(cs), torch.cat(es)
 
     amb, bal, test = splits.ambiguous_train, splits.balanced_train, splits.balanced_test
-    (xa, ca, ea), (xb, cb, eb), (xt, ct, et) = pooled(amb.texts), pooled(bal.texts), pooled(test.texts)
+    (xa, ca, ea), (_xb, cb, eb), (xt, ct, et) = pooled(amb.texts), pooled(bal.texts), pooled(test.texts)
     cfg = ProbeConfig()
 
     def table(probe, x):

@@ -16,17 +16,20 @@ from tests.test_circuits_pipeline import setup  # noqa: F401  (the tiny-llama ta
 
 
 def test_state_memory_is_the_bytes_of_the_tensors_node_effects_hold():
-    """states_mb = every tensor NodeEffects keeps (step gradients included) plus the clean and
-    patch activations the IG pass holds, counted here from the tensors themselves."""
+    """states_mb = every tensor NodeEffects keeps (step gradients included; the [b, s, F] ones
+    as the indices and values they are stored as) plus the clean and patch activations the
+    IG pass holds, counted here from the tensors themselves."""
     model = tiny_model("gpt_neox")
     clean, patch = prompt_pairs()
     dicts = tiny_dictionaries(model, clean)
     metric = logit_diff_metric(len(clean))
     est = estimate(model, dicts, clean, patch, metric, steps=3, edge_method="ig", timing=False)
     ne = node_effects(model, dicts, clean, patch, metric, steps=3, keep_step_grads=True, progress=False)
-    kept = [ne.features, ne.errors, ne.grads, ne.delta_features, ne.delta_errors, ne.clean_features, ne.step_grads]
-    nbytes = sum(t.nelement() * t.element_size() for d in kept for t in d.values())
+    dense = [ne.errors, ne.grads, ne.delta_errors, ne.step_grads]
+    nbytes = sum(t.nelement() * t.element_size() for d in dense for t in d.values())
     nbytes += sum(2 * t.nelement() * t.element_size() for t in ne.delta_errors.values())  # x_clean, x_patch
+    for sparse in (ne.features, ne.delta_features, ne.clean_features):  # stored as indices and values
+        nbytes += sum(sparse.sparse(k).indices().nbytes + sparse.sparse(k).values().nbytes for k in sparse)
     assert est.details["states_mb"] == pytest.approx(nbytes / MB, abs=0.05)
     assert est.nodes_peak_mb >= est.held_mb + nbytes / MB
     assert est.dictionary_weights_mb == pytest.approx(

@@ -240,3 +240,25 @@ def test_last_position_logits_give_the_same_effects():
                         metric_positions="last")
     for site in full.features:
         torch.testing.assert_close(last.features[site], full.features[site])
+
+
+def test_feature_tensors_are_stored_sparse_and_handed_out_exactly():
+    """NodeEffects keeps its [b, s, F] tensors sparse: each comes back equal, element for
+    element, to the dense tensor computed here from the dictionary, and is stored in far
+    fewer bytes than the dense one."""
+    model = tiny_model("gpt2")
+    clean, patch = prompt_pairs()
+    dicts = tiny_dictionaries(model, clean)
+    ne = node_effects(model, dicts, clean, None, logit_diff_metric(len(clean)), method="attrib", progress=False)
+    batch = model.tokenize(clean)
+    with torch.no_grad():
+        _, acts = run_hooked(model.hf, batch.input_ids, ne.sites)
+    for site in ne.sites:
+        f = dicts[site.name].encode(acts[site.name])
+        assert torch.allclose(ne.clean_features[site.name], f, atol=1e-6)
+        assert torch.allclose(ne.delta_features[site.name], -f, atol=1e-6)  # zero ablation: Δf = 0 - f
+        stored = ne.delta_features.sparse(site.name)
+        assert stored.indices().nbytes + stored.values().nbytes < f.nelement() * f.element_size()
+        copy = ne.features[site.name]
+        copy.zero_()  # a fresh tensor: changing it leaves the stored one alone
+        assert ne.features[site.name].abs().sum() > 0

@@ -181,9 +181,9 @@ def random_sae(
     """
     gen = torch.Generator().manual_seed(seed)
     W_dec = torch.randn(width, d, generator=gen, dtype=dtype)  # noqa: N806
-    W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True)  # noqa: N806
-    noise = torch.randn(d, width, generator=gen, dtype=dtype) / d**0.5
-    W_enc = W_dec.T + 0.5 * noise  # noqa: N806
+    W_dec /= W_dec.norm(dim=-1, keepdim=True)
+    # In place, so a wide dictionary is built with one spare copy of its weights, not three.
+    W_enc = torch.randn(d, width, generator=gen, dtype=dtype).div_(d**0.5).mul_(0.5).add_(W_dec.T)  # noqa: N806
     b_dec = 0.01 * torch.randn(d, generator=gen, dtype=dtype)
     threshold = torch.zeros(width, dtype=dtype) if activation == "jumprelu" else None
     if activation == "topk" and k is None:

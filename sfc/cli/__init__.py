@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from attribution.memory import mmap_large_allocations
+
 COMMANDS = {
     "catalog": "sfc.cli.catalog",
     "dashboards": "sfc.cli.dashboards",
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. Bad input exits 2 with one line ``sfc <cmd>: error: <sentence>``; an
     interrupt (Ctrl-C) exits 130 with one line; no traceback reaches the user for either."""
     args = build_parser().parse_args(argv)
+    # Large blocks go back to the system when freed, so a long job's resident set follows what
+    # it holds (attribution.memory; about 3% slower on the CPU).
+    mmap_large_allocations()
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as exc:
