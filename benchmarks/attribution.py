@@ -25,8 +25,8 @@ Prints one JSON object. Usage: ``python benchmarks/attribution.py --json``.
   memory): ``peak_rss_mb_F<width>`` (IG nodes + default edges, the run process's
   peak resident set; ``..._mmap`` in a fourth process after
   :func:`attribution.memory.mmap_large_allocations`, as the CLI runs),
-  ``dictionary_weights_mb_F<width>``, the measured times, and the estimate's predictions (:func:`attribution.estimate.estimate`);
-  ``estimate_max_rel_err`` is the largest relative error of the predicted node and
+  ``dictionary_weights_mb_F<width>``, the measured times, and the estimate's
+  predictions (:func:`attribution.estimate.estimate`); ``estimate_max_rel_err`` is the largest relative error of the predicted node and
   edge times and peak memory over those runs.
 
 Run it from the repository root with the repository on the path
