@@ -96,8 +96,10 @@ class CatalogConfig:
     - ``n_train``: members a circuit is built on (at most half of its cluster);
       ``n_eval``: held-out members it is evaluated on; ``n_other``: members of
       other clusters it is also evaluated on;
-    - ``start_layer``: faithfulness ablates sites from this layer on (``None``: a
-      third of the layers, as the paper);
+    - ``start_layer``: faithfulness ablates sites from this layer on (``None``: two
+      thirds of the layers; the paper uses one third, but with residual-stream
+      dictionaries only, circuits of ``top_k`` summed nodes keep too little of the
+      stream for own and other faithfulness to differ);
     - ``shard_rows``: text rows per sample shard; ``batch_size``: rows per forward pass.
     """
 
@@ -112,7 +114,7 @@ class CatalogConfig:
     method: Literal["attrib", "ig"] = "attrib"
     steps: int = 5
     ablation: Literal["zero", "mean"] = "zero"
-    top_k: int = 32
+    top_k: int = 512
     node_threshold: float = 0.0
     edges: bool = True
     edge_threshold: float = 0.0
@@ -331,7 +333,7 @@ class CatalogWorker:
         batch = pad_batch([s.tokens for s in samples], device=model.device)
         widths = {name: d.width for name, d in self.dictionaries.items()}
         masks = circuit_masks(circuit, widths, None)
-        start = cfg.start_layer if cfg.start_layer is not None else model.config.num_hidden_layers // 3
+        start = cfg.start_layer if cfg.start_layer is not None else 2 * model.config.num_hidden_layers // 3
         try:
             res = faithfulness(model, batch, dict(self.dictionaries), masks, self._metric(samples),
                                config=AblationConfig(kind=cfg.ablation, start_layer=start))

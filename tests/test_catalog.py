@@ -232,7 +232,7 @@ def test_faithfulness_matches_hand_ablation(tmp_path: Path):
     res = json.loads((tmp_path / "clusters" / f"{entry['id']:03d}" / "result.json").read_text())
     circuit = Circuit.load(tmp_path / entry["circuit"])
     masks = circuit_masks(circuit, {k: d.width for k, d in dicts.items()}, None)
-    start = model.config.num_hidden_layers // 3
+    start = 2 * model.config.num_hidden_layers // 3
     for key, ids in (("faithfulness_own", res["held_out"]), ("faithfulness_other", res["other"])):
         ev = [samples[i] for i in ids]
         m_c = zero_ablation_metric(model, dicts, masks, ev, start)

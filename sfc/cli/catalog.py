@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
     b.add_argument("--method", choices=["attrib", "ig"], default="attrib")
     b.add_argument("--steps", type=int, default=5, help="integrated-gradients steps (--method ig)")
     b.add_argument("--ablation", choices=["zero", "mean"], default="zero")
-    b.add_argument("--top-k", type=int, default=32, help="nodes per circuit")
+    b.add_argument("--top-k", type=int, default=512, help="nodes per circuit (default 512)")
     b.add_argument("--node-threshold", type=float, default=0.0)
     b.add_argument("--edge-threshold", type=float, default=0.0)
     b.add_argument("--no-edges", action="store_true", help="nodes only")
@@ -48,7 +48,7 @@ def add_parser(sub) -> None:
     b.add_argument("--eval", type=int, default=16, help="held-out members a circuit is evaluated on")
     b.add_argument("--other", type=int, default=16, help="members of other clusters it is evaluated on")
     b.add_argument("--start-layer", type=int, default=None,
-                   help="faithfulness ablates sites from this layer on (default: a third of the layers)")
+                   help="faithfulness ablates sites from this layer on (default: two thirds of the layers)")
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--workers", type=int, default=0, help="Ray workers (0: run in this process)")
