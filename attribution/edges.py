@@ -198,7 +198,7 @@ class _Changed:
 
     def vec(self, W_dec: Tensor) -> Tensor:  # noqa: N803
         """``[s, E, d]``: ``Δf_j W_dec[j]`` at each changed feature's place, zeros in the padding
-        (kept after the first call only where ``keep_vec`` asked for it)."""
+        (``kept`` instead, where :class:`ChangedNodes` was asked to keep the rows)."""
         if self.kept is not None:
             return self.kept
         seq, width = self.feat.shape
@@ -503,6 +503,5 @@ def edge_effects(
                     up.name, down.name, torch.cat(acc_idx[up.name], 1), torch.cat(acc_w[up.name]),
                     dictionaries[down.name].width, dictionaries[up.name].width,
                 )
-        memory.trim()
     bar.close()
     return result

@@ -279,7 +279,6 @@ def integrated_gradients(
         grads[site.name] = total / steps
         if kept is not None:
             step_grads[site.name] = kept
-        memory.trim()
     return grads
 
 

@@ -18,10 +18,10 @@ dictionaries, and on the CPU the Python runtime: the process's resident set)
 plus the engine's working memory: the float32 node states and effects
 (``b·s·4d`` dense values per site, the IG step gradients where IG edges keep
 them, the sparse feature tensors as large as the calibration found them, and the
-dense ``[b, s, F]`` blocks of the one site being built), the autograd graph of the largest pass (the bytes the autograd
-engine saves for backward, counted with ``saved_tensors_hooks`` on one example
-and scaled by the rows of the pass), and for edges the slot chunk that
-``memory_budget_mb`` allows. Where the estimate exceeds the memory available,
+dense ``[b, s, F]`` blocks of the one site being built), the autograd graph of
+the largest pass (the bytes the autograd engine saves for backward, counted with
+``saved_tensors_hooks`` on one example and scaled by the rows of the pass), and
+for edges the selection masks and the slot chunk that ``memory_budget_mb`` allows. Where the estimate exceeds the memory available,
 :func:`check_fits` stops with a message naming the options that shrink it.
 """
 
