@@ -194,13 +194,13 @@ class _Changed:
     where: Tensor
     delta: Tensor
     err: Tensor
-    kept: Tensor | None = None
+    rows: Tensor | None = None
 
     def vec(self, W_dec: Tensor) -> Tensor:  # noqa: N803
         """``[s, E, d]``: ``Δf_j W_dec[j]`` at each changed feature's place, zeros in the padding
-        (``kept`` instead, where :class:`ChangedNodes` was asked to keep the rows)."""
-        if self.kept is not None:
-            return self.kept
+        (``rows`` instead, where :class:`ChangedNodes` built them once)."""
+        if self.rows is not None:
+            return self.rows
         seq, width = self.feat.shape
         out = torch.zeros(seq, width, W_dec.shape[1], dtype=self.err.dtype, device=self.err.device)
         feats = self.feat[self.where[0], self.where[1]]
@@ -224,29 +224,29 @@ def _changed_nodes(delta_f: Tensor, delta_e: Tensor) -> list[_Changed]:
 
 class ChangedNodes:
     """The changed nodes of each upstream site (:class:`_Changed`, per example), built on
-    first use from the node effects' deltas; :meth:`keep` drops the sites a downstream
+    first use from the node effects' deltas; :meth:`hold_only` drops the sites a downstream
     site no longer reads, so only the sites adjacent to the current one are held.
     With ``dictionaries``, each example's ``Δf_j W_dec[j]`` rows are built once and kept
     (faster for many small calls, heavier at large widths)."""
 
     def __init__(self, effects: NodeEffects, dictionaries: dict[str, Dictionary] | None = None) -> None:
         self._effects = effects
-        self._keep_vec = dictionaries
+        self._dictionaries = dictionaries
         self._held: dict[str, list[_Changed]] = {}
 
     def __getitem__(self, name: str) -> list[_Changed]:
         if name not in self._held:
             out = _changed_nodes(self._effects.delta_features[name], self._effects.delta_errors[name])
-            if self._keep_vec is not None:  # trade memory for time: build each example's rows once
+            if self._dictionaries is not None:  # trade memory for time: build each example's rows once
                 for ch in out:
-                    ch.kept = ch.vec(self._keep_vec[name].W_dec)
+                    ch.rows = ch.vec(self._dictionaries[name].W_dec)
             self._held[name] = out
         return self._held[name]
 
     def __contains__(self, name: object) -> bool:
         return name in self._held
 
-    def keep(self, names: list[str]) -> None:
+    def hold_only(self, names: list[str]) -> None:
         self._held = {k: v for k, v in self._held.items() if k in names}
 
 
@@ -434,7 +434,7 @@ def edge_effects(
         if not x_d.requires_grad or not ups:
             bar.update(int(selected[down.name].sum()))
             continue
-        changed.keep([u.name for u in ups])
+        changed.hold_only([u.name for u in ups])
         nodes = selected[down.name].nonzero()  # [n, 3] (example, position, node)
         n = len(nodes)
         result.n_selected[down.name] = n

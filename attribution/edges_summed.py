@@ -90,7 +90,7 @@ def summed_edge_effects(
             ups = [u for u, is_used in zip(ups, used) if is_used]
         if not x_d.requires_grad or not ups:
             continue
-        changed.keep([u.name for u in ups])
+        changed.hold_only([u.name for u in ups])
         dic = dictionaries[down.name]
         eff = torch.cat([effects.features[down.name], effects.errors[down.name][..., None]], dim=-1)
         sel = torch.zeros_like(eff, dtype=torch.bool)

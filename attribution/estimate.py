@@ -21,8 +21,8 @@ them, the sparse feature tensors as large as the calibration found them, and the
 dense ``[b, s, F]`` blocks of the one site being built), the autograd graph of
 the largest pass (the bytes the autograd engine saves for backward, counted with
 ``saved_tensors_hooks`` on one example and scaled by the rows of the pass), and
-for edges the selection masks and the slot chunk that ``memory_budget_mb`` allows. Where the estimate exceeds the memory available,
-:func:`check_fits` stops with a message naming the options that shrink it.
+for edges the selection masks and the slot chunk that ``memory_budget_mb``
+allows. Where the estimate exceeds the memory available, :func:`check_fits` stops with a message naming the options that shrink it.
 """
 
 from __future__ import annotations
@@ -248,8 +248,7 @@ def estimate(
     dense_values = sum(b * s * (4 * st.d + 1) for st in sites)
     keep_steps = edges and edge_method == "ig" and method == "ig"
     step_values = steps * b * s * sum(st.d for st in sites) if keep_steps else 0
-    sparse_mb = sum(getattr(m, "nbytes", lambda: 0)() for m in (atp.features, atp.delta_features,
-                                                                atp.clean_features)) / MB
+    sparse_mb = sum(m.nbytes() for m in (atp.features, atp.delta_features, atp.clean_features)) / MB
     states_mb = 4 * (dense_values + step_values) / MB + sparse_mb
     site_mb = _SITE_BLOCKS * 4 * b * s * max(dictionaries[st.name].width for st in sites) / MB
     row_graph = graph_bytes_per_row(model, batch, sites[0], metric_positions) / MB

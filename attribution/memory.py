@@ -8,12 +8,13 @@ site after another, so without help the process's resident set keeps a few
 hundred MB of freed memory that no tensor uses.
 
 - :func:`trim` hands the heap's free pages back now (``malloc_trim``); the engine
-  calls it after each site's ``[b, s, F]`` states and effects are built (not in the
-  IG and edge passes, where the next pass would fault the same pages back in).
+  calls it after each site's ``[b, s, F]`` states, effects and edge selection are
+  built (not in the IG and edge passes, where the next pass would fault the same
+  pages back in).
 - :func:`mmap_large_allocations` fixes the threshold, so every block of at least
   that size is mapped on its own and unmapped when freed. It changes the whole
-  process, so the library never calls it; the CLI does (``sfc discover``), and
-  research code can. Allocating a large block then costs a page fault per page.
+  process, so the library never calls it; every ``sfc`` command does, and research
+  code can. Allocating a large block then costs a page fault per page.
 
 Both are no-ops, returning ``False``, where the C library is not glibc.
 """

@@ -20,14 +20,15 @@ Prints one JSON object. Usage: ``python benchmarks/attribution.py --json``.
   largest gap between the sum of the IG edges into a node and that node's own
   contribution along the path, computed with plain torch hooks at the same IG
   points (relative to the largest contribution at the site);
-- for each width in ``--scale-widths`` (default 4096 16384 32768), in three fresh
+- for each width in ``--scale-widths`` (default 4096 16384 32768), in fresh
   processes (the node threshold, the estimate, the run, so none inherits another's
   memory): ``peak_rss_mb_F<width>`` (IG nodes + default edges, the run process's
   peak resident set; ``..._mmap`` in a fourth process after
   :func:`attribution.memory.mmap_large_allocations`, as the CLI runs),
   ``dictionary_weights_mb_F<width>``, the measured times, and the estimate's
-  predictions (:func:`attribution.estimate.estimate`); ``estimate_max_rel_err`` is the largest relative error of the predicted node and
-  edge times and peak memory over those runs.
+  predictions (:func:`attribution.estimate.estimate`); ``estimate_max_rel_err`` is
+  the largest relative error of the predicted node and edge times and peak memory
+  over those runs.
 
 Run it from the repository root with the repository on the path
 (``PYTHONPATH=. python benchmarks/attribution.py --scale --json``).
@@ -232,7 +233,7 @@ def _fixture(width: int, pairs: int, seq: int, l0: float):
 
 def peak_run(width: int, pairs: int, seq: int, l0: float, threshold: float | None, phase: str,
              mmap: bool = False) -> dict:
-    """One of the three fresh processes a width gets (so that none sees another's memory):
+    """One of the fresh processes a width gets (so that none sees another's memory):
 
     - ``threshold``: the node threshold that selects about 3000 downstream nodes, chosen on
       attribution patching (cheap);

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupt (Ctrl-C) exits 130 with one line; no traceback reaches the user for either."""
     args = build_parser().parse_args(argv)
     # Large blocks go back to the system when freed, so a long job's resident set follows what
-    # it holds (attribution.memory; about 3% slower on the CPU).
+    # it holds (attribution.memory). It costs page faults: edges at F=32768 took 4.4 s, not 2.6 s.
     mmap_large_allocations()
     try:
         return int(args.func(args) or 0)
