@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ablation.config import AblationConfig, ErrorHandling
-from attribution.dictionaries.kinds import Dictionary
+from attribution.dictionaries.kinds import Dictionary, dictionary_shape
 from attribution.model import tracing
 from attribution.model.sites import AttnHook, Site
 from attribution.model.tracing import Metric
@@ -101,10 +101,10 @@ def evaluated_sites(
         raise ValueError("No dictionaries given: pass one per site to evaluate, e.g. {'resid_0': sae}.")
     sites = model.sites(list(dictionaries), attn=attn)
     for site in sites:
-        dictionary = dictionaries[site.name]
-        if dictionary.d != site.d:
+        d, _ = dictionary_shape(dictionaries, site.name)
+        if d != site.d:
             raise ValueError(
-                f"The dictionary for site {site.name!r} reads vectors of size {dictionary.d}, "
+                f"The dictionary for site {site.name!r} reads vectors of size {d}, "
                 f"but the site's activation has size {site.d}."
             )
     return [s for s in sites if s.layer >= start_layer]
@@ -181,7 +181,7 @@ def check_masks(
             )
         if name not in dictionaries:
             raise ValueError(f"The circuit names site {name!r} but no dictionary was given for it.")
-        width = dictionaries[name].width
+        _, width = dictionary_shape(dictionaries, name)
         if mask.width != width:
             raise ValueError(
                 f"The mask for site {name!r} has {mask.width} features but its dictionary has {width}: "
@@ -241,23 +241,24 @@ def ablated_metric(
     plan = []
     if masks is not None:
         for site in setup.sites:
-            dictionary = setup.dictionaries[site.name]
             keep_f, keep_e = _keep(
-                site, masks.get(site.name), dictionary.width,
+                site, masks.get(site.name), dictionary_shape(setup.dictionaries, site.name)[1],
                 complement=complement, handle_errors=handle_errors, device=model.device,
             )
             if not (keep_f.all() and keep_e.all()):
-                plan.append((site, dictionary, keep_f, keep_e, setup.values[site.name]))
+                plan.append((site, keep_f, keep_e, setup.values[site.name]))
 
-    def splice(x: Tensor, dictionary, keep_f, keep_e, value) -> Tensor:
+    def splice(x: Tensor, name: str, keep_f, keep_e, value) -> Tensor:
+        # Looked up as the pass reaches the site, so a lazy set holds only the sites in use.
+        dictionary = setup.dictionaries[name]
         f = dictionary.encode(x)
         e = x - dictionary.decode(f)
         f_ablated, e_ablated = value.values(dictionary)
         new = dictionary.decode(torch.where(keep_f, f, f_ablated)) + torch.where(keep_e, e, e_ablated)
         return new.to(x.dtype)
 
-    replace = {site.name: partial(splice, dictionary=d, keep_f=kf, keep_e=ke, value=v)
-               for site, d, kf, ke, v in plan}
+    replace = {site.name: partial(splice, name=site.name, keep_f=kf, keep_e=ke, value=v)
+               for site, kf, ke, v in plan}
     value = tracing.run(model, batch, [p[0] for p in plan], metric, rows, "read", replace=replace).metric
     return value.detach()
 

@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from attribution import memory
-from attribution.dictionaries.kinds import Dictionary
+from attribution.dictionaries.kinds import Dictionary, dictionary_shape
 from attribution.model import tracing
 from attribution.model.sites import Site
 from attribution.model.wrapper import Batch, SFCModel
@@ -116,10 +116,10 @@ def _check_inputs(
     for site in sites:
         if site.name not in dictionaries:
             raise ValueError(f"No dictionary for site {site.name!r}: add one to the dictionaries mapping.")
-        dic = dictionaries[site.name]
-        if dic.d != site.d:
+        d, _ = dictionary_shape(dictionaries, site.name)  # a lazy set answers without loading
+        if d != site.d:
             raise ValueError(
-                f"The dictionary for site {site.name!r} expects activations of size {dic.d}, but this "
+                f"The dictionary for site {site.name!r} expects activations of size {d}, but this "
                 f"model's {site.name} has size {site.d}: it was made for another model or site."
             )
     if patch is not None:

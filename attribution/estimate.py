@@ -28,12 +28,14 @@ allows. Where the estimate exceeds the memory available, :func:`check_fits` stop
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor
 
-from attribution.dictionaries.kinds import Dictionary
+from attribution.dictionaries.kinds import Dictionary, dictionary_shape
+from attribution.dictionaries.sets import LazyDictionarySet
 from attribution.edges import edge_effects, select_downstream
 from attribution.effects import node_effects, resolve_sites
 from attribution.model import tracing
@@ -107,10 +109,24 @@ def tensor_mb(module: torch.nn.Module) -> float:
     return sum(seen.values()) / MB
 
 
-def dictionaries_mb(dictionaries: dict[str, Dictionary]) -> float:
-    """MiB of all dictionaries' weights (shared storages counted once)."""
+def dictionaries_mb(dictionaries: Mapping[str, Dictionary]) -> float:
+    """MiB of all dictionaries' weights (shared storages counted once); for a set kept on
+    disk (:class:`~attribution.dictionaries.sets.LazyDictionarySet`), as read from the
+    files' headers, without loading them."""
+    if isinstance(dictionaries, LazyDictionarySet):
+        return sum(dictionaries.nbytes(name) for name in dictionaries) / MB
     holder = torch.nn.ModuleList(list(dictionaries.values()))
     return tensor_mb(holder)
+
+
+def lazy_resident_mb(dictionaries: Mapping[str, Dictionary], names: list[str]) -> float:
+    """MiB a set kept on disk holds at most while the engine runs over ``names``: its
+    ``resident`` largest dictionaries plus the one being loaded (``0`` for other sets,
+    whose weights are already in the memory held before the run)."""
+    if not isinstance(dictionaries, LazyDictionarySet):
+        return 0.0
+    sizes = sorted((dictionaries.nbytes(n) for n in names), reverse=True)
+    return sum(sizes[: dictionaries.resident + 1]) / MB
 
 
 def _rss_mb() -> float:
@@ -135,6 +151,17 @@ def memory_state(device: torch.device) -> tuple[float, float | None]:
         return held, held + info["MemAvailable"] / 1024
     except (OSError, KeyError):
         return held, None
+
+
+def peak_mb(device: torch.device) -> float:
+    """The high-water mark, in MiB, of what the process has held on ``device`` so far: the
+    most memory allocated on a CUDA device, else the peak resident set (what
+    :attr:`Estimate.peak_mb` predicts)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / MB
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def graph_bytes_per_row(model: SFCModel, batch: Batch, first: Site, positions: tracing.MetricPositions) -> float:
@@ -230,7 +257,13 @@ def estimate(
     b, s = batch.input_ids.shape
     n_sites = len(sites)
     held, available = memory_state(device)
-    w_model, w_dicts = tensor_mb(model.hf), dictionaries_mb({k: dictionaries[k] for k in (x.name for x in sites)})
+    names = [x.name for x in sites]
+    w_model = tensor_mb(model.hf)
+    if isinstance(dictionaries, LazyDictionarySet):  # kept on disk: only the resident ones add to what is held
+        w_dicts = dictionaries_mb(dictionaries)
+        held += lazy_resident_mb(dictionaries, names)
+    else:
+        w_dicts = dictionaries_mb({k: dictionaries[k] for k in names})
 
     # Calibration 1: attribution patching on the whole batch (times the attrib job itself,
     # selects the downstream nodes the edges will need, and says how sparse the states are).
@@ -250,7 +283,8 @@ def estimate(
     step_values = steps * b * s * sum(st.d for st in sites) if keep_steps else 0
     sparse_mb = sum(m.nbytes() for m in (atp.features, atp.delta_features, atp.clean_features)) / MB
     states_mb = 4 * (dense_values + step_values) / MB + sparse_mb
-    site_mb = _SITE_BLOCKS * 4 * b * s * max(dictionaries[st.name].width for st in sites) / MB
+    widths = {st.name: dictionary_shape(dictionaries, st.name)[1] for st in sites}
+    site_mb = _SITE_BLOCKS * 4 * b * s * max(widths.values()) / MB
     row_graph = graph_bytes_per_row(model, batch, sites[0], metric_positions) / MB
     per_pass = max(1, max_rows // b)
     ig_rows = min(steps, per_pass) * b
@@ -339,7 +373,7 @@ def estimate(
                 in_chunk = max(1, int(memory_budget_mb // per))
                 chunk_mb = max(chunk_mb, per * min(slots[st.name], in_chunk))
         results_mb = n_edges * (5 * 8 + 4) * 2 / MB  # index and weight, gathered then concatenated
-        masks_mb = sum(b * s * (dictionaries[st.name].width + 1) for st in sites) / MB  # boolean selection
+        masks_mb = sum(b * s * (widths[st.name] + 1) for st in sites) / MB  # boolean selection
         edges_peak = held + states_mb + masks_mb + frozen + chunk_mb + results_mb
         details |= {"frozen_graph_mb": round(frozen, 1), "slot_chunk_mb": round(chunk_mb, 1)}
     return Estimate(

@@ -221,10 +221,16 @@ def max_rel_diff(batched, looped) -> float:
     return worst
 
 
-def _fixture(width: int, pairs: int, seq: int, l0: float):
+def _fixture(width: int, pairs: int, seq: int, l0: float, folder: str | None = None):
+    """The model, prompts, metric and dictionaries; with ``folder``, the dictionaries saved there
+    before (phase ``save``) and kept on disk, at most 4 in memory."""
     model = pythia_shaped()
     clean, patch, metric = prompt_pairs(pairs, seq)
     sites = model.all_sites()
+    if folder is not None:
+        from attribution.dictionaries.sets import LazyDictionarySet
+
+        return model, clean, patch, metric, LazyDictionarySet({s.name: Path(folder) / s.name for s in sites})
     acts = tracing.run(model, model.tokenize(clean), sites, None, torch.arange(len(clean))).acts
     dicts = {s.name: calibrate_sparsity(random_sae(s.d, width, seed=i), acts[s.name], l0)
              for i, s in enumerate(sites)}
@@ -232,18 +238,27 @@ def _fixture(width: int, pairs: int, seq: int, l0: float):
 
 
 def peak_run(width: int, pairs: int, seq: int, l0: float, threshold: float | None, phase: str,
-             mmap: bool = False) -> dict:
+             mmap: bool = False, folder: str | None = None) -> dict:
     """One of the fresh processes a width gets (so that none sees another's memory):
 
     - ``threshold``: the node threshold that selects about 3000 downstream nodes, chosen on
       attribution patching (cheap);
     - ``estimate``: :func:`attribution.estimate.estimate` at that threshold;
     - ``run``: IG nodes and default edges, timed, with the process's peak resident set;
-      ``mmap``: after :func:`attribution.memory.mmap_large_allocations`, as the CLI runs.
+      ``mmap``: after :func:`attribution.memory.mmap_large_allocations`, as the CLI runs;
+    - ``save``: the dictionaries saved into ``folder``; ``run`` (and ``estimate``) with
+      ``folder`` then keep them on disk (:class:`~attribution.dictionaries.sets.LazyDictionarySet`).
     """
     from attribution.estimate import dictionaries_mb, estimate
 
-    model, clean, patch, metric, dicts = _fixture(width, pairs, seq, l0)
+    if phase == "save":
+        from attribution.dictionaries.formats import save_dictionary
+
+        *_, dicts = _fixture(width, pairs, seq, l0)
+        for name, sae in dicts.items():
+            save_dictionary(sae, Path(folder) / name)
+        return {"saved": folder}
+    model, clean, patch, metric, dicts = _fixture(width, pairs, seq, l0, folder)
     kw = dict(progress=False, metric_positions="last")
     if phase == "threshold":
         atp = node_effects(model, dicts, clean, patch, metric, method="attrib", **kw)
@@ -266,8 +281,13 @@ def peak_run(width: int, pairs: int, seq: int, l0: float, threshold: float | Non
     ee = edge_effects(model, dicts, clean, ne, metric, node_threshold=threshold, progress=False)
     t_edges = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # What the results add up to, so that runs with the dictionaries held or on disk can be compared.
+    checksum = sum(ne.features[s].abs().sum().item() + ne.errors[s].abs().sum().item() for s in ne.features)
+    checksum_edges = sum(e.weight.abs().sum().item() for e in ee.pairs.values())
     return {
         "width": width, "pairs": pairs, "node_threshold": threshold, "mmap_large_allocations": mmap,
+        "dictionaries_on_disk": folder is not None, "dictionary_loads": getattr(dicts, "loads", None),
+        "node_effects_abs_sum": checksum, "edge_weights_abs_sum": checksum_edges,
         "dictionary_weights_mb": round(dictionaries_mb(dicts), 1),
         "nodes_s": round(t_nodes, 3), "edges_s": round(t_edges, 3),
         "peak_rss_mb_before_run": round(rss_held, 1),
@@ -313,14 +333,15 @@ def main() -> None:
     parser.add_argument("--scale-widths", type=int, nargs="*", default=[4096, 16384, 32768])
     parser.add_argument("--scale-only", action="store_true", help="print only the --scale fields")
     parser.add_argument("--peak-run", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--peak-phase", choices=["threshold", "estimate", "run"], default="run",
+    parser.add_argument("--peak-phase", choices=["threshold", "estimate", "run", "save"], default="run",
                         help=argparse.SUPPRESS)
     parser.add_argument("--mmap", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     if args.peak_run:
         print(json.dumps(peak_run(args.width, args.pairs, args.seq, args.l0, args.node_threshold, args.peak_phase,
-                                  args.mmap)))
+                                  args.mmap, args.folder)))
         return
     if args.scale_only:
         print(json.dumps(scale_fields(args), indent=2))
@@ -390,6 +411,7 @@ def scale_fields(args) -> dict:
     """The ``--scale`` fields: the IG-edge identity, then one fresh process per width."""
     import os
     import subprocess
+    import tempfile
 
     identity = ig_identity()
     out: dict = {"ig_edges_identity_max_rel_err": max(identity.values()), "ig_edges_identity_by_family": identity}
@@ -399,9 +421,10 @@ def scale_fields(args) -> dict:
         base = [sys.executable, __file__, "--peak-run", "--width", str(width), "--pairs", str(args.pairs),
                 "--seq", str(args.seq), "--l0", str(args.l0)]
 
-        def fresh(phase: str, threshold: float | None, mmap: bool = False, base=base) -> dict:
+        def fresh(phase: str, threshold: float | None, mmap: bool = False, folder: str | None = None,
+                  base=base) -> dict:
             cmd = base + ["--peak-phase", phase] + ([] if threshold is None else ["--node-threshold", str(threshold)])
-            cmd += ["--mmap"] if mmap else []
+            cmd += (["--mmap"] if mmap else []) + ([] if folder is None else ["--folder", folder])
             return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
 
         threshold = args.node_threshold
@@ -410,6 +433,18 @@ def scale_fields(args) -> dict:
         est = fresh("estimate", threshold)["estimate"]
         run = fresh("run", threshold)
         run_mmap = fresh("run", threshold, mmap=True)
+        with tempfile.TemporaryDirectory(prefix=f"sfc-bench-F{width}-") as folder:
+            fresh("save", None, folder=folder)
+            est_lazy = fresh("estimate", threshold, folder=folder)["estimate"]
+            run_lazy = fresh("run", threshold, folder=folder)
+        run_lazy["estimate"] = est_lazy
+        run_lazy["estimate_rel_err_peak_mb"] = round(
+            abs(est_lazy["peak_mb"] - run_lazy["peak_rss_mb"]) / run_lazy["peak_rss_mb"], 3)
+        run_lazy["same_results_as_held"] = (
+            run_lazy["node_effects_abs_sum"] == run["node_effects_abs_sum"]
+            and run_lazy["edge_weights_abs_sum"] == run["edge_weights_abs_sum"])
+        out[f"peak_rss_mb_F{width}_lazy"] = run_lazy["peak_rss_mb"]
+        out[f"run_F{width}_lazy"] = run_lazy
         run["estimate"] = est
         run["estimate_rel_err"] = {
             "nodes_s": round(abs(est["nodes_s"] - run["nodes_s"]) / run["nodes_s"], 3),
@@ -421,7 +456,7 @@ def scale_fields(args) -> dict:
         out[f"run_F{width}_mmap"] = run_mmap
         out[f"dictionary_weights_mb_F{width}"] = run["dictionary_weights_mb"]
         out[f"run_F{width}"] = run
-        errs += list(run["estimate_rel_err"].values())
+        errs += list(run["estimate_rel_err"].values()) + [run_lazy["estimate_rel_err_peak_mb"]]
     if errs:
         out["estimate_max_rel_err"] = max(errs)
     out["loadavg"] = open("/proc/loadavg").read().split()[:3]

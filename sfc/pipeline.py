@@ -31,10 +31,10 @@ from ablation.config import AblationConfig
 from ablation.evaluate import faithfulness
 from ablation.sweep import CurvePoint, sweep
 from attribution.cache import atomic_write_bytes
-from attribution.dictionaries.kinds import Dictionary
+from attribution.dictionaries.kinds import Dictionary, dictionary_shape
 from attribution.edges import edge_effects
 from attribution.effects import node_effects
-from attribution.estimate import Estimate, check_fits, estimate
+from attribution.estimate import Estimate, check_fits, estimate, peak_mb
 from attribution.metrics import logit_diff
 from attribution.model.wrapper import Batch, SFCModel
 from attribution.options import Aggregation, EdgeMethod, Method
@@ -127,7 +127,7 @@ def evaluate(
 ) -> dict:
     """Faithfulness and completeness of ``circuit`` on ``test`` (SPEC §5.1)."""
     clean, patch, good, bad = _pairs(model, test)
-    widths = {name: d.width for name, d in dictionaries.items()}
+    widths = {name: dictionary_shape(dictionaries, name)[1] for name in dictionaries}
     masks = circuit_masks(circuit, widths, clean.seq_len)
     res = faithfulness(model, clean, dictionaries, masks, logit_diff(good, bad), config=cfg.ablation, reference=patch)
     return {"faithfulness": res.faithfulness, "completeness": res.completeness, "n_nodes_evaluated": res.n_nodes,
@@ -144,7 +144,7 @@ def estimate_discover(
     clean, patch, clean_ids, patch_ids = _pairs(model, task.train[: cfg.n_examples])
     sites = [s for s in model.all_sites() if s.name in dictionaries]
     return estimate(
-        model, dict(dictionaries), clean, patch, logit_diff(patch_ids, clean_ids), sites=sites, method=cfg.method,
+        model, dictionaries, clean, patch, logit_diff(patch_ids, clean_ids), sites=sites, method=cfg.method,
         steps=cfg.steps, edges=cfg.edges, edge_method=cfg.edge_method, node_threshold=cfg.node_threshold,
         selection="position" if cfg.aggregation == "none" else "aggregate", aggregation=cfg.aggregation,
         metric_positions="last", timing=timing,
@@ -186,7 +186,7 @@ def discover(
     timings = {}
     t0 = time.perf_counter()
     effects = node_effects(
-        model, dict(dictionaries), clean, patch, metric, sites=sites, method=cfg.method, steps=cfg.steps,
+        model, dictionaries, clean, patch, metric, sites=sites, method=cfg.method, steps=cfg.steps,
         metric_positions="last", progress=progress,
         keep_step_grads=cfg.edges and cfg.edge_method == "ig" and cfg.method == "ig",
     )
@@ -195,11 +195,12 @@ def discover(
     if cfg.edges and cfg.method != "exact":  # exact patching has no gradients, so no edges
         t0 = time.perf_counter()
         edges = edge_effects(
-            model, dict(dictionaries), clean, effects, metric, node_threshold=cfg.node_threshold,
+            model, dictionaries, clean, effects, metric, node_threshold=cfg.node_threshold,
             selection="position" if cfg.aggregation == "none" else "aggregate", aggregation=cfg.aggregation,
             edge_method=cfg.edge_method, progress=progress,
         )
         timings["edges_s"] = time.perf_counter() - t0
+    measured_peak = peak_mb(model.device)  # of nodes and edges (and loading), before the evaluation
     tokens = model.token_strings(clean.input_ids[0]) if cfg.aggregation == "none" else None
     circuit = build_circuit(
         effects, edges, model=model, aggregation=cfg.aggregation,
@@ -225,6 +226,7 @@ def discover(
         "edges_computed": edges is not None,
         "pruned_to_metric": bool(circuit.metadata.extra.get("pruned_to_metric")),
     }
+    metrics["peak_mb"] = round(measured_peak, 1)
     if predicted is not None:
         metrics["predicted_peak_mb"] = round(predicted.peak_mb, 1)
     feats, errs = effects.aggregate(cfg.aggregation)

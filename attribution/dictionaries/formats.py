@@ -14,8 +14,9 @@ Writes are atomic: a temporary file in the same folder, then a rename.
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -191,6 +192,80 @@ def _finite(sae: SAE, path: Path) -> SAE:
                 "it is corrupt or its training diverged; rebuild or re-download it."
             )
     return sae
+
+
+class Header(NamedTuple):
+    """What a dictionary file's headers say: input size ``d``, ``width`` (features), and the
+    number and byte size of its stored values (the weights it will hold once loaded)."""
+
+    d: int
+    width: int
+    numel: int
+    itemsize: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+def _header_of(shapes: dict[str, tuple[tuple[int, ...], int]], enc: str, transposed: bool, path: Path) -> Header:
+    """A :class:`Header` from ``{tensor name: (shape, itemsize)}``; ``enc`` names the encoder."""
+    if enc not in shapes or len(shapes[enc][0]) != 2:
+        raise DictionaryFileError(f"{path} has no 2-d encoder weight {enc!r}: it is not a dictionary; "
+                                  "rebuild or re-download it.")
+    d, width = shapes[enc][0][::-1] if transposed else shapes[enc][0]
+    numel = sum(int(np.prod(shape)) for shape, _ in shapes.values())
+    return Header(int(d), int(width), numel, max(size for _, size in shapes.values()))
+
+
+def read_header(path: str | Path) -> Header:
+    """The :class:`Header` of the dictionary at ``path`` (any layout :func:`load_dictionary`
+    reads), from the files' headers only: no weight is read into memory."""
+    if isinstance(path, str) and path.startswith("identity:"):
+        d = int(path.split(":", 1)[1])
+        return Header(d, d, 0, 4)
+    path = Path(path)
+    npz = path if path.suffix == ".npz" else path / "params.npz"
+    try:
+        if (path / "ae.pt").exists():
+            state = torch.load(path / "ae.pt", map_location="cpu", weights_only=True, mmap=True)
+            shapes = {k: (tuple(v.shape), v.element_size()) for k, v in state.items()
+                      if isinstance(v, torch.Tensor) and v.is_floating_point()}
+            enc = "W_enc" if "W_enc" in shapes else "encoder.weight"
+            return _header_of(shapes, enc, enc == "encoder.weight", path)
+        if (path / "sae_weights.safetensors").exists():
+            from safetensors import safe_open
+
+            with safe_open(str(path / "sae_weights.safetensors"), framework="pt") as fh:
+                shapes = {}
+                for k in fh.keys():
+                    sl = fh.get_slice(k)
+                    shapes[k] = (tuple(sl.get_shape()), torch.empty(0, dtype=_SAFETENSORS_DTYPES.get(
+                        sl.get_dtype(), torch.float32)).element_size())
+            return _header_of(shapes, "W_enc", False, path)
+        if npz.exists():
+            shapes = {}
+            with zipfile.ZipFile(npz) as zf:
+                for name in zf.namelist():
+                    with zf.open(name) as fh:
+                        major, _ = np.lib.format.read_magic(fh)
+                        read = np.lib.format.read_array_header_1_0 if major == 1 else \
+                            np.lib.format.read_array_header_2_0
+                        shape, _, _ = read(fh)
+                    shapes[name.removesuffix(".npy")] = (shape, 4)  # read as float32
+            return _header_of(shapes, "W_enc", False, npz)
+    except DictionaryFileError:
+        raise
+    except Exception as exc:  # truncated or foreign files
+        raise DictionaryFileError(f"Cannot read the dictionary headers in {path} ({type(exc).__name__}); "
+                                  "it is corrupt: rebuild or re-download it.") from None
+    raise DictionaryFileError(
+        f"{path} holds no known dictionary layout (ae.pt + config.json, cfg.json + "
+        "sae_weights.safetensors, or params.npz)."
+    )
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 def load_dictionary(path: str | Path) -> Dictionary:

@@ -20,6 +20,7 @@ File loaders for dictionary_learning, SAELens and Gemma Scope layouts live in
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -66,6 +67,17 @@ class Dictionary(nn.Module, ABC):
     @abstractmethod
     def b_dec(self) -> Tensor:
         """Decoder bias ``[d]``: the reconstruction of the all-zero feature vector."""
+
+
+def dictionary_shape(dictionaries: Mapping[str, Dictionary], name: str) -> tuple[int, int]:
+    """``(d, width)`` of ``name``'s dictionary. A set that keeps its dictionaries on disk
+    (:class:`~attribution.dictionaries.sets.LazyDictionarySet`, which has ``shape``)
+    answers from the files' headers, without loading the dictionary."""
+    shape = getattr(dictionaries, "shape", None)
+    if shape is not None:
+        return shape(name)
+    dictionary = dictionaries[name]
+    return dictionary.d, dictionary.width
 
 
 class SAE(Dictionary):

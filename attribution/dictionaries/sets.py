@@ -2,18 +2,23 @@
 
 :func:`load_dictionaries` is what research code and the command line call; it
 returns a :class:`DictionarySet`, a plain ``{site name: dictionary}`` mapping that
-also remembers where each dictionary came from (for a circuit's metadata).
+also remembers where each dictionary came from (for a circuit's metadata), or with
+``lazy=True`` a :class:`LazyDictionarySet`, which keeps the dictionaries on disk
+and holds only the few most recently used in memory.
 """
 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from attribution.cache import dictionary_cache
-from attribution.dictionaries.formats import load_dictionary, read_metadata
+import torch
+
+from attribution.dictionaries.formats import Header, load_dictionary, read_header, read_metadata
 from attribution.dictionaries.kinds import Dictionary, Identity
-from attribution.dictionaries.store import check_fingerprint, load_cached_dictionaries
+from attribution.dictionaries.store import cached_folders, check_fingerprint
 from attribution.model.wrapper import SFCModel
 
 
@@ -36,13 +41,105 @@ class DictionarySet(dict[str, Dictionary]):
         return read_metadata(folder) if folder is not None else {}
 
 
+Device = torch.device | str
+
+
+def placed(
+    dictionary: Dictionary, site: str, dtype: torch.dtype | None, device: Device | Mapping[str, Device] | None
+) -> Dictionary:
+    """``dictionary`` in ``dtype`` on ``device`` (``{site: device}``: the site's entry), where given."""
+    if isinstance(device, Mapping):
+        device = device.get(site)
+    if dtype is None and device is None:
+        return dictionary
+    return dictionary.to(device=device, dtype=dtype)
+
+
+class LazyDictionarySet(Mapping[str, Dictionary]):
+    """``{site name: dictionary}`` whose dictionaries stay on disk until the engine asks
+    for one; at most ``resident`` are held at once (the least recently used is dropped).
+
+    The engine works on one site at a time (its states, its node effects, the edges
+    into it from the adjacent sites; an evaluation's forward pass splices the sites in
+    order), so the weights need never be all in memory. Each request for a site not
+    held reads its files again: fast from the page cache, and counted in ``loads``.
+    Shapes (``shape``, ``nbytes``) come from the files' headers without loading.
+    ``dtype`` and ``device`` (one device, or ``{site: device}`` to put each dictionary
+    beside its site's block in a model spread over devices), where given, apply to
+    each dictionary as it is loaded.
+    Like :class:`DictionarySet` it has ``ids``, ``folders`` and ``metadata``.
+    """
+
+    def __init__(
+        self,
+        folders: Mapping[str, str | os.PathLike],
+        ids: Mapping[str, str] | None = None,
+        *,
+        resident: int = 4,
+        dtype: torch.dtype | None = None,
+        device: Device | Mapping[str, Device] | None = None,
+    ) -> None:
+        if resident < 1:
+            raise ValueError(f"resident={resident}: a lazy dictionary set must hold at least one dictionary.")
+        self.folders = {name: Path(folder) for name, folder in folders.items()}
+        self.ids = dict(ids) if ids is not None else {name: str(f) for name, f in self.folders.items()}
+        self.resident, self.dtype, self.device = resident, dtype, device
+        self.headers: dict[str, Header] = {name: read_header(f) for name, f in self.folders.items()}
+        self.loads = 0
+        self._held: OrderedDict[str, Dictionary] = OrderedDict()
+
+    def __getitem__(self, name: str) -> Dictionary:
+        if name not in self.folders:
+            raise KeyError(name)
+        dictionary = self._held.pop(name, None)
+        if dictionary is None:
+            while len(self._held) >= self.resident:  # drop before loading: never resident + 1 held here
+                self._held.popitem(last=False)
+            dictionary = placed(load_dictionary(self.folders[name]), name, self.dtype, self.device)
+            self.loads += 1
+        self._held[name] = dictionary
+        return dictionary
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.folders)
+
+    def __len__(self) -> int:
+        return len(self.folders)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.folders
+
+    def held(self) -> list[str]:
+        """The sites whose dictionaries are in memory now, least recently used first."""
+        return list(self._held)
+
+    def shape(self, name: str) -> tuple[int, int]:
+        """``(d, width)`` of ``name``'s dictionary, from its headers."""
+        header = self.headers[name]
+        return header.d, header.width
+
+    def nbytes(self, name: str) -> int:
+        """Bytes of ``name``'s weights once loaded (in ``dtype`` where one is set)."""
+        header = self.headers[name]
+        size = torch.empty(0, dtype=self.dtype).element_size() if self.dtype is not None else header.itemsize
+        return header.numel * size
+
+    def metadata(self, site: str) -> dict:
+        """What the toolkit recorded when it built ``site``'s dictionary (``{}`` if nothing)."""
+        return read_metadata(self.folders[site])
+
+
 def load_dictionaries(
     model: SFCModel,
     folder: str | os.PathLike | None = None,
     *,
     sites: list[str] | None = None,
     neurons: bool = False,
-) -> DictionarySet:
+    lazy: bool = False,
+    resident: int = 4,
+    dtype: torch.dtype | None = None,
+    device: Device | Mapping[str, Device] | None = None,
+) -> DictionarySet | LazyDictionarySet:
     """The dictionaries of ``model``, keyed by site, checked against its sites.
 
     - ``folder``: one sub-folder per site, in any supported layout
@@ -53,8 +150,16 @@ def load_dictionaries(
     - ``sites``: the sites to load (default: every one there is).
     - ``neurons``: the paper's neuron baseline: the identity at the same sites,
       so that nodes are neurons.
+    - ``lazy``: keep the dictionaries on disk and hold at most ``resident`` in
+      memory (a :class:`LazyDictionarySet`), for dictionaries that do not fit
+      all at once; results are the same, each site's files are read again when
+      a pass comes back to it.
+    - ``dtype``, ``device``: cast or move each dictionary as it is loaded, one at a
+      time (``torch.bfloat16`` halves the weights' memory; ``device`` may be
+      ``{site: device}`` for a model spread over several devices).
 
-    Raises one clear sentence for a missing folder, an unknown site, or a
+    Everything is checked from metadata and file headers before any weight is
+    read: one clear sentence for a missing folder, an unknown site, or a
     dictionary whose size does not match the site's.
     """
     if not isinstance(model, SFCModel):
@@ -70,22 +175,23 @@ def load_dictionaries(
         model.sites(names)  # unknown site names fail here, listing the model's sites
         for name in names:
             check_fingerprint(root / name, read_metadata(root / name), model, name)
-        dicts = {name: load_dictionary(root / name) for name in names}
+        folders = {name: root / name for name in names}
         ids = {name: str(root / name) for name in names}
     else:
-        root = dictionary_cache(model.cache_key)
-        dicts = load_cached_dictionaries(model.name, sites, model=model)
-        ids = {name: f"cache:{model.cache_key}/{name}" for name in dicts}
-    folders = {name: root / name for name in dicts}
+        folders = cached_folders(model.name, sites, model=model)
+        ids = {name: f"cache:{model.cache_key}/{name}" for name in folders}
     by_name = {s.name: s for s in model.all_sites()}
-    for name, dic in dicts.items():
-        if dic.d != by_name[name].d:
+    for name, path in folders.items():
+        header = read_header(path)
+        if header.d != by_name[name].d:
             raise ValueError(
-                f"The dictionary for site {name!r} expects size {dic.d}, but {model.name}'s {name} has size "
+                f"The dictionary for site {name!r} expects size {header.d}, but {model.name}'s {name} has size "
                 f"{by_name[name].d}: it was made for another model."
             )
     if neurons:
-        dicts = {name: Identity(by_name[name].d) for name in dicts}
-        ids = {name: f"identity:{by_name[name].d}" for name in dicts}
-        folders = {}
+        dicts = {name: Identity(by_name[name].d) for name in folders}
+        return DictionarySet(dicts, {name: f"identity:{by_name[name].d}" for name in dicts}, {})
+    if lazy:
+        return LazyDictionarySet(folders, ids, resident=resident, dtype=dtype, device=device)
+    dicts = {name: placed(load_dictionary(path), name, dtype, device) for name, path in folders.items()}
     return DictionarySet(dicts, ids, folders)

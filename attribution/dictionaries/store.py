@@ -40,6 +40,7 @@ from attribution.dictionaries.corpus import CORPUS_PATH, corpus_contexts
 from attribution.dictionaries.formats import (
     DictionaryFileError,
     load_dictionary,
+    read_header,
     read_metadata,
     save_dictionary,
 )
@@ -72,16 +73,17 @@ def check_fingerprint(folder: Path, meta: dict, model: SFCModel, site: str) -> N
         )
 
 
-def load_cached_dictionaries(
+def cached_folders(
     model_name: str,
     sites: list[str] | None = None,
     *,
     model: SFCModel | None = None,
     root: Path | None = None,
-) -> dict[str, Dictionary]:
-    """The cached dictionaries of ``model_name``, keyed by site name.
+) -> dict[str, Path]:
+    """The cache folders of ``model_name``'s dictionaries, keyed by site name, each checked
+    from its metadata and file headers only (no weights are read).
 
-    ``sites=None`` loads every cached site (for ``smollm2-135m``: the default
+    ``sites=None`` takes every cached site (for ``smollm2-135m``: the default
     scope). With ``model`` given, the cache folder is the model's
     :attr:`~attribution.model.wrapper.SFCModel.cache_key` (its name plus a
     fingerprint of its weights), the site names are checked against it, each
@@ -106,13 +108,13 @@ def load_cached_dictionaries(
                     f"No dictionaries for {model_name} in {root}: build them with {_build_hint(model_name)}."
                 )
     site_d = {s.name: s.d for s in model.sites(sites)} if model is not None else {}
-    out: dict[str, Dictionary] = {}
     missing = [s for s in sites if not (root / s / "ae.pt").exists()]
     if missing:
         raise DictionaryFileError(
             f"No dictionary for site(s) {missing} of {model_name} in {root}: build them with "
             f"{_build_hint(model_name, missing)}."
         )
+    out: dict[str, Path] = {}
     for site in sites:
         folder = root / site
         meta = read_metadata(folder)
@@ -123,17 +125,30 @@ def load_cached_dictionaries(
                 f"The dictionary in {folder} was built for model {meta['model']!r}, not {model_name!r}: "
                 f"rebuild it with {_build_hint(model_name, [site])}."
             )
-        dictionary = load_dictionary(folder)
+        header = read_header(folder)
         want = site_d.get(site, meta.get("d"))
-        if want is not None and dictionary.d != want:
+        if want is not None and header.d != want:
             raise DictionaryFileError(
-                f"The dictionary for site {site} in {folder} reads d={dictionary.d} "
-                f"(W_dec {tuple(dictionary.W_dec.shape)}) but the site has d={want} "
+                f"The dictionary for site {site} in {folder} reads d={header.d} "
+                f"(W_dec {(header.width, header.d)}) but the site has d={want} "
                 f"(expected W_dec [F, {want}]): it was built for another model; rebuild it with "
                 f"{_build_hint(model_name, [site])}."
             )
-        out[site] = dictionary
+        out[site] = folder
     return out
+
+
+def load_cached_dictionaries(
+    model_name: str,
+    sites: list[str] | None = None,
+    *,
+    model: SFCModel | None = None,
+    root: Path | None = None,
+) -> dict[str, Dictionary]:
+    """The cached dictionaries of ``model_name``, keyed by site name, loaded after the
+    checks of :func:`cached_folders` (same arguments)."""
+    folders = cached_folders(model_name, sites, model=model, root=root)
+    return {site: load_dictionary(folder) for site, folder in folders.items()}
 
 
 def _build_settings(config: TrainConfig, n_tokens: int, corpus: str, dtype: torch.dtype, warm_start: bool) -> dict:

@@ -19,6 +19,12 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dictionaries", default=None, help="folder with one dictionary sub-folder per site")
     p.add_argument("--sites", nargs="*", default=None, help="sites to use (default: all dictionaries)")
+    p.add_argument("--resident-dictionaries", type=int, default=None, metavar="N",
+                   help="keep the dictionaries on disk and hold at most N in memory at once (default: load "
+                        "all); for dictionaries that do not fit, at the cost of reading each again per pass")
+    p.add_argument("--dictionary-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="cast each dictionary to this dtype as it is loaded (default: as stored); "
+                        "bfloat16 halves their memory")
     p.add_argument("--method", choices=["ig", "attrib"], default="ig")
     p.add_argument("--steps", type=int, default=10, help="integrated-gradients steps")
     p.add_argument("--edge-method", choices=["attrib", "ig"], default="attrib",
@@ -53,6 +59,8 @@ def _validate(args) -> None:
         raise ValueError("--examples and --test must be at least 1.")
     if args.steps < 1:
         raise ValueError("--steps must be at least 1.")
+    if args.resident_dictionaries is not None and args.resident_dictionaries < 1:
+        raise ValueError(f"--resident-dictionaries must be at least 1, got {args.resident_dictionaries}.")
     from sfc.cli.checks import check_discover_args
 
     check_discover_args(args)  # device, model, --out writable, --start-layer sign
@@ -68,6 +76,8 @@ def run(args) -> int:
 
 def _job(args) -> int:
     _validate(args)  # before any model work
+    import torch
+
     from ablation.config import AblationConfig
     from attribution.dictionaries.sets import load_dictionaries
     from sfc.cli.checks import check_start_layer
@@ -89,7 +99,11 @@ def _job(args) -> int:
     runs = [("features", False, out)] + ([("neurons", True, out / "neurons")] if args.neurons else [])
     summary = {}
     for label, neurons, folder in runs:
-        dicts = load_dictionaries(model, args.dictionaries, sites=args.sites, neurons=neurons)
+        dicts = load_dictionaries(
+            model, args.dictionaries, sites=args.sites, neurons=neurons,
+            lazy=args.resident_dictionaries is not None, resident=args.resident_dictionaries or 1,
+            dtype=getattr(torch, args.dictionary_dtype) if args.dictionary_dtype else None,
+        )
         check_start_layer(model, dicts, start_layer, args.start_layer is not None)
         print(f"[sfc] {label}: {len(dicts)} sites, task {task.name}, {len(task.train)} pairs", file=sys.stderr)
         if args.estimate:
