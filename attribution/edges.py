@@ -435,12 +435,16 @@ def edge_effects(
             bar.update(int(selected[down.name].sum()))
             continue
         changed.hold_only([u.name for u in ups])
+        # This site's dictionaries, held for the whole site (a lazy set need not keep them all);
+        # the previous site's are let go first.
+        dic_down = dic_up = None
+        dic_down, dic_up = dictionaries[down.name], {u.name: dictionaries[u.name] for u in ups}
         nodes = selected[down.name].nonzero()  # [n, 3] (example, position, node)
         n = len(nodes)
         result.n_selected[down.name] = n
         t_node = time.perf_counter()
         if n_pts == 1:
-            seeds = _seeds(x_d, dictionaries[down.name], effects.grads[down.name], nodes)[None]  # [1, n, d]
+            seeds = _seeds(x_d, dic_down, effects.grads[down.name], nodes)[None]  # [1, n, d]
         else:
             # Each node's seed at each point: that point's downstream gradient and encoder Jacobian.
             if effects.step_grads and down.name in effects.step_grads:
@@ -449,7 +453,7 @@ def edge_effects(
                 g_down = effects.grads[down.name].repeat(n_pts, 1, 1)
             at_points = nodes.repeat(n_pts, 1)
             at_points[:, 0] += (torch.arange(n_pts, device=nodes.device) * b).repeat_interleave(n)
-            seeds = _seeds(x_d, dictionaries[down.name], g_down, at_points).reshape(n_pts, n, -1) / n_pts
+            seeds = _seeds(x_d, dic_down, g_down, at_points).reshape(n_pts, n, -1) / n_pts
         result.timings["per_node_s"] += time.perf_counter() - t_node
         # Slot i of the batched backward carries the i-th selected node of every example,
         # or of every (example, position) when the site's Jacobian keeps positions apart;
@@ -491,7 +495,7 @@ def edge_effects(
                     t_fixed = time.perf_counter()
                     changed[up.name]  # noqa: B018 - built here so its time is not counted per node
                     t_node += time.perf_counter() - t_fixed  # once per upstream site: not per node
-                idx, w = _upstream_weights(Gn, nd[:, 0], changed[up.name], dictionaries[up.name])
+                idx, w = _upstream_weights(Gn, nd[:, 0], changed[up.name], dic_up[up.name])
                 r = in_chunk[idx[0]]
                 acc_idx[up.name].append(torch.stack([nodes[r, 0], nodes[r, 1], nodes[r, 2], idx[1], idx[2]]))
                 acc_w[up.name].append(w)
@@ -501,7 +505,7 @@ def edge_effects(
             if acc_idx[up.name]:
                 result.pairs[(up.name, down.name)] = SiteEdges(
                     up.name, down.name, torch.cat(acc_idx[up.name], 1), torch.cat(acc_w[up.name]),
-                    dictionaries[down.name].width, dictionaries[up.name].width,
+                    dic_down.width, dic_up[up.name].width,
                 )
     bar.close()
     return result

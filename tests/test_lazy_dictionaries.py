@@ -100,8 +100,9 @@ def test_lazy_dictionaries_give_exact_effects_holding_only_a_few(saved, monkeypa
     res = faithfulness(model, clean, dicts, masks, metric, config=AblationConfig(kind="mean"))
     assert np.isfinite(res.faithfulness)
 
-    # Never more than the two held, plus the one a caller's loop variable still names.
-    assert max(counts) <= 3 < n_sites
+    # Never more than what one step needs (edges into resid_1: it and its 3 upstream sites), plus
+    # one a caller's variable still names; never all the sites.
+    assert max(counts) <= 5 < n_sites
     assert dicts.loads > n_sites  # sites were dropped and read again
 
 
