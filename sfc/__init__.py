@@ -21,6 +21,7 @@ _EXPORTS: dict[str, str] = {
     "SFCModel": "attribution.model.wrapper",
     "load_dictionaries": "attribution.dictionaries.sets",
     "DictionarySet": "attribution.dictionaries.sets",
+    "LazyDictionarySet": "attribution.dictionaries.sets",
     "build_dictionaries": "attribution.dictionaries.store",
     "TrainConfig": "attribution.dictionaries.training",
     "random_sae": "attribution.dictionaries.kinds",

@@ -46,8 +46,8 @@ def watch_live(monkeypatch) -> tuple[weakref.WeakSet, list[int]]:
     counts: list[int] = []
     load, get = sets.load_dictionary, LazyDictionarySet.__getitem__
 
-    def loading(path):
-        dictionary = load(path)
+    def loading(path, **kw):
+        dictionary = load(path, **kw)
         live.add(dictionary)
         return dictionary
 
@@ -160,7 +160,7 @@ def test_headers_say_what_loading_finds(tmp_path, layout):
 def test_a_dictionary_of_the_wrong_size_is_refused_before_any_weight_is_read(saved, monkeypatch):
     model, folder, *_ = saved
     save_dictionary(random_sae(7, 16, seed=0), folder / "resid_1")
-    monkeypatch.setattr(sets, "load_dictionary", lambda path: pytest.fail(f"{path} was loaded"))
+    monkeypatch.setattr(sets, "load_dictionary", lambda path, **kw: pytest.fail(f"{path} was loaded"))
     with pytest.raises(ValueError, match="expects size 7, but .* has size 32"):
         load_dictionaries(model, folder, lazy=True)
     with pytest.raises(ValueError, match="at least one dictionary"):
@@ -174,3 +174,12 @@ def test_dtype_and_a_device_per_site_apply_as_each_dictionary_loads(saved, lazy)
     assert dicts["resid_1"].W_dec.device.type == "meta"
     assert dicts["resid_0"].W_dec.device.type == "cpu"
     assert {dicts[name].W_enc.dtype for name in dicts} == {torch.float32}
+
+
+def test_a_non_finite_weight_is_found_on_the_first_read(tmp_path):
+    sae = random_sae(8, 16, seed=0)
+    sae.W_dec.data[3, 2] = float("nan")
+    save_dictionary(sae, tmp_path / "resid_0")
+    lazy = LazyDictionarySet({"resid_0": tmp_path / "resid_0"})
+    with pytest.raises(ValueError, match="non-finite value.*W_dec"):
+        lazy["resid_0"]

@@ -3,7 +3,7 @@ the activation harvest and the TopK trainer."""
 
 from attribution.dictionaries.formats import DictionaryFileError, load_dictionary, save_dictionary
 from attribution.dictionaries.kinds import SAE, Dictionary, Identity, random_sae
-from attribution.dictionaries.sets import DictionarySet, load_dictionaries
+from attribution.dictionaries.sets import DictionarySet, LazyDictionarySet, load_dictionaries
 from attribution.dictionaries.store import (
     build_dictionaries,
     evaluate_dictionaries,
@@ -17,6 +17,7 @@ __all__ = [
     "DictionaryFileError",
     "DictionarySet",
     "Identity",
+    "LazyDictionarySet",
     "TrainConfig",
     "build_dictionaries",
     "evaluate_dictionaries",

@@ -94,7 +94,8 @@ def _load_dictionary_learning(folder: Path) -> SAE:
     config = _load_json(folder / "config.json") if (folder / "config.json").exists() else {}
     trainer = config.get("trainer", {})
     try:
-        state = torch.load(folder / "ae.pt", map_location="cpu", weights_only=True)
+        # Memory-mapped: the weights are copied once, into the SAE, not read and then copied.
+        state = torch.load(folder / "ae.pt", map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # truncated zip, wrong magic, pickled classes...
         raise DictionaryFileError(
             f"{folder / 'ae.pt'} is corrupt or not a plain state dict ({type(exc).__name__}); "
@@ -268,27 +269,31 @@ def read_header(path: str | Path) -> Header:
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
-def load_dictionary(path: str | Path) -> Dictionary:
+def load_dictionary(path: str | Path, *, check_finite: bool = True) -> Dictionary:
     """Load a dictionary from a folder (or a Gemma Scope ``params.npz``), detecting its layout.
 
     Corrupt or truncated files and non-finite weights raise :class:`DictionaryFileError`
     naming the file.
 
+    ``check_finite=False`` skips the scan for non-finite weights (for a file already
+    checked, read again).
+
     ``"identity:D"`` returns :class:`Identity` of width ``D``.
     """
+    finite = _finite if check_finite else (lambda sae, path: sae)
     if isinstance(path, str) and path.startswith("identity:"):
         return Identity(int(path.split(":", 1)[1]))
     path = Path(path)
     if not path.exists():
         raise DictionaryFileError(f"No dictionary at {path}: build it with `sfc dictionaries build` or fix the path.")
     if path.suffix == ".npz":
-        return _finite(_load_gemma_scope(path), path)
+        return finite(_load_gemma_scope(path), path)
     if (path / "ae.pt").exists():
-        return _finite(_load_dictionary_learning(path), path)
+        return finite(_load_dictionary_learning(path), path)
     if (path / "sae_weights.safetensors").exists():
-        return _finite(_load_saelens(path), path)
+        return finite(_load_saelens(path), path)
     if (path / "params.npz").exists():
-        return _finite(_load_gemma_scope(path / "params.npz"), path)
+        return finite(_load_gemma_scope(path / "params.npz"), path)
     raise DictionaryFileError(
         f"{path} holds no known dictionary layout (ae.pt + config.json, cfg.json + "
         "sae_weights.safetensors, or params.npz)."

@@ -62,7 +62,7 @@ class LazyDictionarySet(Mapping[str, Dictionary]):
     The engine works on one site at a time (its states, its node effects, the edges
     into it from the adjacent sites; an evaluation's forward pass splices the sites in
     order), so the weights need never be all in memory. Each request for a site not
-    held reads its files again: fast from the page cache, and counted in ``loads``.
+    held reads its files again: fast from the page cache, and counted in ``loads`` (``loads_of``: per site).
     Shapes (``shape``, ``nbytes``) come from the files' headers without loading.
     ``dtype`` and ``device`` (one device, or ``{site: device}`` to put each dictionary
     beside its site's block in a model spread over devices), where given, apply to
@@ -86,6 +86,7 @@ class LazyDictionarySet(Mapping[str, Dictionary]):
         self.resident, self.dtype, self.device = resident, dtype, device
         self.headers: dict[str, Header] = {name: read_header(f) for name, f in self.folders.items()}
         self.loads = 0
+        self.loads_of: dict[str, int] = {}
         self._held: OrderedDict[str, Dictionary] = OrderedDict()
 
     def __getitem__(self, name: str) -> Dictionary:
@@ -95,8 +96,11 @@ class LazyDictionarySet(Mapping[str, Dictionary]):
         if dictionary is None:
             while len(self._held) >= self.resident:  # drop before loading: never resident + 1 held here
                 self._held.popitem(last=False)
-            dictionary = placed(load_dictionary(self.folders[name]), name, self.dtype, self.device)
+            # Weights are scanned for NaN or infinity on the first read only.
+            loaded = load_dictionary(self.folders[name], check_finite=name not in self.loads_of)
+            dictionary = placed(loaded, name, self.dtype, self.device)
             self.loads += 1
+            self.loads_of[name] = self.loads_of.get(name, 0) + 1
         self._held[name] = dictionary
         return dictionary
 
