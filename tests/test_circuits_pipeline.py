@@ -152,6 +152,8 @@ def test_discover_writes_a_circuit_that_reloads_identically(setup, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["discover", "--task", "nope", "--out", "x"], "built-in tasks are simple, within_rc, across_rc, across_pp"),
     (["discover", "--task", "simple", "--out", "x", "--node-threshold", "-1"], "node-threshold"),
+    (["discover", "--task", "simple", "--out", "x", "--resident-dictionaries", "0"],
+     "--resident-dictionaries must be at least 1, got 0."),
     (["discover", "--task", "missing.jsonl", "--out", "x"], "No task file"),
     (["evaluate", "no/such/circuit.json"], "No circuit"),
 ])

@@ -807,3 +807,20 @@ def test_a_bad_row_outside_the_used_rows_is_still_refused_when_its_json_is_bad(t
     path.write_text(path.read_text() + "{not json\n")
     with pytest.raises(ValueError, match="big.jsonl, line 51: not valid JSON"):
         load_task(str(path), tok, n_train=2, n_test=2)
+
+
+def test_discover_with_dictionaries_on_disk_gives_the_same_circuit(tiny_setup, tmp_path, capsys):
+    model_dir, dicts, task = tiny_setup
+    outs = {}
+    for label, extra in [("held", ()), ("disk", ("--resident-dictionaries", "1", "--dictionary-dtype", "float32"))]:
+        out = tmp_path / label
+        rc, _, err = run_cli(_discover(model_dir, dicts, task, out, "--node-threshold", "0.01", *extra), capsys)
+        assert rc == 0, err
+        outs[label] = json.loads((out / "metrics.json").read_text())
+        outs[label]["circuit"] = json.loads((out / "circuit.json").read_text())
+    held, disk = outs["held"], outs["disk"]
+    assert held["n_nodes"] > 0
+    for key in ("n_nodes", "n_edges", "faithfulness", "completeness"):
+        assert disk[key] == held[key], key
+    assert [n["id"] for n in disk["circuit"]["nodes"]] == [n["id"] for n in held["circuit"]["nodes"]]
+    assert 0 < disk["peak_mb"] and 0 < held["peak_mb"]

@@ -62,7 +62,8 @@ class LazyDictionarySet(Mapping[str, Dictionary]):
     The engine works on one site at a time (its states, its node effects, the edges
     into it from the adjacent sites; an evaluation's forward pass splices the sites in
     order), so the weights need never be all in memory. Each request for a site not
-    held reads its files again: fast from the page cache, and counted in ``loads`` (``loads_of``: per site).
+    held reads its files again: fast from the page cache, and counted in ``loads_of``
+    (per site) and ``loads`` (in all).
     Shapes (``shape``, ``nbytes``) come from the files' headers without loading.
     ``dtype`` and ``device`` (one device, or ``{site: device}`` to put each dictionary
     beside its site's block in a model spread over devices), where given, apply to
@@ -85,7 +86,6 @@ class LazyDictionarySet(Mapping[str, Dictionary]):
         self.ids = dict(ids) if ids is not None else {name: str(f) for name, f in self.folders.items()}
         self.resident, self.dtype, self.device = resident, dtype, device
         self.headers: dict[str, Header] = {name: read_header(f) for name, f in self.folders.items()}
-        self.loads = 0
         self.loads_of: dict[str, int] = {}
         self._held: OrderedDict[str, Dictionary] = OrderedDict()
 
@@ -99,7 +99,6 @@ class LazyDictionarySet(Mapping[str, Dictionary]):
             # Weights are scanned for NaN or infinity on the first read only.
             loaded = load_dictionary(self.folders[name], check_finite=name not in self.loads_of)
             dictionary = placed(loaded, name, self.dtype, self.device)
-            self.loads += 1
             self.loads_of[name] = self.loads_of.get(name, 0) + 1
         self._held[name] = dictionary
         return dictionary
@@ -112,6 +111,11 @@ class LazyDictionarySet(Mapping[str, Dictionary]):
 
     def __contains__(self, name: object) -> bool:
         return name in self.folders
+
+    @property
+    def loads(self) -> int:
+        """How many times a dictionary was read from disk, in all."""
+        return sum(self.loads_of.values())
 
     def held(self) -> list[str]:
         """The sites whose dictionaries are in memory now, least recently used first."""
