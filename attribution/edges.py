@@ -38,6 +38,7 @@ ever zeroed before it is read (the reference implementation's ordering bug).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -278,6 +279,32 @@ def _upstream_weights(
     return torch.cat(out_idx, dim=1), torch.cat(out_w)
 
 
+def _edges_to_metric(
+    result: EdgeEffects, tr: tracing.Trace, effects: NodeEffects, dictionaries: Mapping[str, Dictionary],
+    n_pts: int = 1,
+) -> None:
+    """Fill ``result.to_metric``: one backward from the metric through the frozen pass ``tr``
+    to every site (for IG over ``n_pts`` points, the mean gradient over them), times the
+    nodes' deltas. The last site reaches the metric directly: its edges are its node effects."""
+    sites = effects.sites
+    names = [st.name for st in sites]
+    b = effects.mask.shape[0]
+    gm = torch.autograd.grad(tr.metric.sum(), [tr.leaves[n] for n in names], retain_graph=True, allow_unused=True)
+    for name, g in zip(names, gm):
+        if g is None:
+            continue
+        if name == names[-1]:
+            result.to_metric[name] = (effects.features[name], effects.errors[name])
+            continue
+        g = wide(g)
+        if n_pts > 1:
+            g = g.reshape(n_pts, b, *g.shape[1:]).mean(0)
+        result.to_metric[name] = (
+            dictionaries[name].feature_grads(g) * effects.delta_features[name],
+            (g * effects.delta_errors[name]).sum(-1),
+        )
+
+
 def _probe(x: Tensor, leaves: list[Tensor]) -> tuple[list[bool], bool]:
     """Which leaves ``x [b, s, d]`` depends on (its adjacent sites), and whether it
     depends on them position by position only.
@@ -402,22 +429,7 @@ def edge_effects(
     leaves = tr.leaves
     result = EdgeEffects(n_examples=b, method=edge_method, steps=n_pts)
 
-    # Edges into the metric: one backward through the frozen graph (the mean over the points for IG).
-    names = [st.name for st in sites]
-    gm = torch.autograd.grad(tr.metric.sum(), [leaves[n] for n in names], retain_graph=True, allow_unused=True)
-    for name, g in zip(names, gm):
-        if g is None:
-            continue
-        if name == names[-1]:
-            result.to_metric[name] = (effects.features[name], effects.errors[name])
-            continue
-        g = wide(g)
-        if n_pts > 1:
-            g = g.reshape(n_pts, b, *g.shape[1:]).mean(0)
-        dic = dictionaries[name]
-        result.to_metric[name] = (
-            dic.feature_grads(g) * effects.delta_features[name], (g * effects.delta_errors[name]).sum(-1)
-        )
+    _edges_to_metric(result, tr, effects, dictionaries, n_pts)
 
     changed = ChangedNodes(effects)
     work = [st for st in sites if selected.get(st.name) is not None and selected[st.name].any()]

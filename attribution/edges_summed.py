@@ -28,6 +28,7 @@ from attribution.edges import (
     ChangedNodes,
     EdgeEffects,
     SiteEdges,
+    _edges_to_metric,
     _probe,
     _seeds,
     _upstream_weights,
@@ -63,19 +64,7 @@ def summed_edge_effects(
                      positions=effects.info.get("metric_positions", "all"))
     leaves = tr.leaves
     result = EdgeEffects(n_examples=b)
-    names = [st.name for st in sites]
-    gm = torch.autograd.grad(tr.metric.sum(), [leaves[n] for n in names], retain_graph=True, allow_unused=True)
-    for name, g in zip(names, gm):
-        if g is None:
-            continue
-        if name == names[-1]:
-            result.to_metric[name] = (effects.features[name], effects.errors[name])
-            continue
-        g = wide(g)
-        dic = dictionaries[name]
-        result.to_metric[name] = (
-            (g @ dic.W_dec.T) * effects.delta_features[name], (g * effects.delta_errors[name]).sum(-1)
-        )
+    _edges_to_metric(result, tr, effects, dictionaries)
 
     changed = ChangedNodes(effects)
     for i_d, down in enumerate(sites):
@@ -91,7 +80,8 @@ def summed_edge_effects(
         if not x_d.requires_grad or not ups:
             continue
         changed.hold_only([u.name for u in ups])
-        dic = dictionaries[down.name]
+        dic = dic_up = None  # the previous site's dictionaries are let go before this site's load
+        dic, dic_up = dictionaries[down.name], {u.name: dictionaries[u.name] for u in ups}
         eff = torch.cat([effects.features[down.name], effects.errors[down.name][..., None]], dim=-1)
         sel = torch.zeros_like(eff, dtype=torch.bool)
         sel[..., ids.to(eff.device)] = True
@@ -123,7 +113,7 @@ def summed_edge_effects(
                 if G is None:
                     continue
                 Gn = wide(G[pairs[0], pairs[1]])  # noqa: N806  [P, s, d_u], summed over downstream positions
-                idx, w = _upstream_weights(Gn, pairs[1], changed[up.name], dictionaries[up.name])
+                idx, w = _upstream_weights(Gn, pairs[1], changed[up.name], dic_up[up.name])
                 r = idx[0]
                 zero = torch.zeros_like(r)
                 acc_idx[up.name].append(torch.stack([pairs[1][r], zero, ids[pairs[0][r] + start], zero, idx[2]]))
@@ -132,7 +122,7 @@ def summed_edge_effects(
             if acc_idx[up.name]:
                 result.pairs[(up.name, down.name)] = SiteEdges(
                     up.name, down.name, torch.cat(acc_idx[up.name], 1), torch.cat(acc_w[up.name]),
-                    dic.width, dictionaries[up.name].width,
+                    dic.width, dic_up[up.name].width,
                 )
     return result
 
