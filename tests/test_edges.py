@@ -123,29 +123,33 @@ def test_incoming_residual_edges_sum_to_gradient_times_residual_delta(family_):
     metric = logit_diff_metric(len(clean))
     ne = node_effects(model, dicts, clean, patch, metric, method="attrib", progress=False)
     ee = edge_effects(model, dicts, clean, ne, metric, node_threshold=0.0, progress=False)
+    assert {up for up, down in ee.pairs if down == "resid_1"} == {"resid_0", "attn_1", "mlp_1"}
+    assert check_resid_edge_sums(model, dicts["resid_1"], clean, patch, metric, ee) > 10
+
+
+def check_resid_edge_sums(model, sae, clean, patch, metric, ee, site: str = "resid_1", per_position: int = 3) -> int:
+    """Assert that the edges into active features of the residual ``site`` add up to
+    ``∇_d m · ∂d/∂resid · Δresid``, computed from the SAE formula and hooked runs; returns
+    how many nodes were checked."""
     sites = model.all_sites()
     _, acts_c = run_hooked(model.hf, clean, sites)
     _, acts_p = run_hooked(model.hf, patch, sites)
-    sae = dicts["resid_1"]
-    g = grad_at_site(model, clean, "resid_1", metric)
-    x = acts_c["resid_1"]
+    g = grad_at_site(model, clean, site, metric)
+    x = acts_c[site]
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
-    d_resid = acts_p["resid_1"] - x
+    d_resid = acts_p[site] - x
     n_checked = 0
     for b in range(len(clean)):
         for s in range(clean.shape[1]):
-            active = (pre[b, s] > 0).nonzero()[:, 0]
-            for k in active[:3].tolist():
-                coef = (g[b, s] * sae.W_dec[k]).sum()
-                truth = coef * (sae.W_enc[:, k] * d_resid[b, s]).sum()
+            for k in (pre[b, s] > 0).nonzero()[:per_position, 0].tolist():
+                truth = (g[b, s] * sae.W_dec[k]).sum() * (sae.W_enc[:, k] * d_resid[b, s]).sum()
                 total = sum(
                     e.weight[(e.index[0] == b) & (e.index[1] == s) & (e.index[2] == k)].sum()
-                    for (up, down), e in ee.pairs.items() if down == "resid_1"
+                    for (up, down), e in ee.pairs.items() if down == site
                 )
-                assert {up for up, down in ee.pairs if down == "resid_1"} == {"resid_0", "attn_1", "mlp_1"}
                 torch.testing.assert_close(total, truth, rtol=1e-7, atol=1e-12)
                 n_checked += 1
-    assert n_checked > 10
+    return n_checked
 
 
 def test_edges_into_the_metric_from_the_last_site_are_its_node_effects():

@@ -26,7 +26,7 @@ from attribution.estimate import dictionaries_mb, estimate, tensor_mb
 from circuits.masks import masks_from_effects
 from tests.conftest import logit_diff_metric, prompt_pairs, tiny_dictionaries, tiny_model
 from tests.hooks import run_hooked
-from tests.test_edges import grad_at_site
+from tests.test_edges import check_resid_edge_sums
 from tests.test_node_effects import _site_patch_truth
 
 
@@ -78,23 +78,7 @@ def test_lazy_dictionaries_give_exact_effects_holding_only_a_few(saved, monkeypa
     # Edges into resid_1 add up to ∇m · ∂d/∂resid_1 · Δresid_1 (test_edges), from the SAE formula.
     atp = node_effects(model, dicts, clean, patch, metric, method="attrib", progress=False)
     ee = edge_effects(model, dicts, clean, atp, metric, node_threshold=0.0, progress=False)
-    sae = dicts["resid_1"]
-    _, acts_c = run_hooked(model.hf, clean, model.all_sites())
-    g = grad_at_site(model, clean, "resid_1", metric)
-    x = acts_c["resid_1"]
-    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
-    d_resid = acts_p["resid_1"] - x
-    checked = 0
-    for b in range(len(clean)):
-        for s in range(clean.shape[1]):
-            for k in (pre[b, s] > 0).nonzero()[:2, 0].tolist():
-                truth = (g[b, s] * sae.W_dec[k]).sum() * (sae.W_enc[:, k] * d_resid[b, s]).sum()
-                total = sum(e.weight[(e.index[0] == b) & (e.index[1] == s) & (e.index[2] == k)].sum()
-                            for (up, down), e in ee.pairs.items() if down == "resid_1")
-                torch.testing.assert_close(total, truth, rtol=1e-7, atol=1e-12)
-                checked += 1
-    assert checked > 10
-    del sae
+    assert check_resid_edge_sums(model, dicts["resid_1"], clean, patch, metric, ee, per_position=2) > 10
 
     masks = masks_from_effects(*ig.aggregate("none"), 0.01)
     res = faithfulness(model, clean, dicts, masks, metric, config=AblationConfig(kind="mean"))
