@@ -5,7 +5,7 @@ of edges from
 
 - shapes: examples, positions, sites, dictionary widths, IG steps and chunking;
 - the dictionaries and the model actually loaded (their weights are resident; of a
-  set kept on disk, the largest ``resident + 1`` dictionaries);
+  set kept on disk, the few largest that can be in memory at once);
 - a short calibration pass on the real prompts: attribution patching over the
   whole batch (one forward and backward; it also says how many downstream nodes
   the node threshold will select, using attribution-patching effects as the
@@ -121,14 +121,20 @@ def dictionaries_mb(dictionaries: Mapping[str, Dictionary]) -> float:
     return tensor_mb(holder)
 
 
+_STEP_DICTIONARIES = 4
+"""Dictionaries one step of the engine holds at most: edges into a downstream site hold its
+own and those of the adjacent upstream sites (attention, MLP and residual of one layer)."""
+
+
 def lazy_resident_mb(dictionaries: Mapping[str, Dictionary], names: list[str]) -> float:
-    """MiB a set kept on disk holds at most while the engine runs over ``names``: its
-    ``resident`` largest dictionaries plus the one being loaded (``0`` for other sets,
-    whose weights are already in the memory held before the run)."""
+    """MiB a set kept on disk holds at most while the engine runs over ``names``: the largest
+    ``max(resident, 4)`` dictionaries (a step may hold four, whatever ``resident`` says) plus
+    the one being loaded; ``0`` for other sets, whose weights are already in the memory held
+    before the run."""
     if not isinstance(dictionaries, LazyDictionarySet):
         return 0.0
     sizes = sorted((dictionaries.nbytes(n) for n in names), reverse=True)
-    return sum(sizes[: dictionaries.resident + 1]) / MB
+    return sum(sizes[: max(dictionaries.resident, _STEP_DICTIONARIES) + 1]) / MB
 
 
 def _rss_mb() -> float:

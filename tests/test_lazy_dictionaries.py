@@ -22,7 +22,7 @@ from attribution.dictionaries.kinds import random_sae
 from attribution.dictionaries.sets import LazyDictionarySet, load_dictionaries
 from attribution.edges import edge_effects
 from attribution.effects import node_effects
-from attribution.estimate import dictionaries_mb, estimate, tensor_mb
+from attribution.estimate import dictionaries_mb, estimate, lazy_resident_mb, tensor_mb
 from circuits.masks import masks_from_effects
 from tests.conftest import logit_diff_metric, prompt_pairs, tiny_dictionaries, tiny_model
 from tests.hooks import run_hooked
@@ -117,7 +117,10 @@ def test_the_estimate_counts_only_the_resident_dictionaries(saved):
     est = estimate(model, lazy, clean, patch, metric, steps=4, timing=False)
     sizes = sorted((tensor_mb(d) for d in eager.values()), reverse=True)
     assert est.dictionary_weights_mb == pytest.approx(sum(sizes), rel=1e-9)
-    assert est.held_mb >= sum(sizes[:3])  # the two held and the one being read
+    # What one step may hold (4 dictionaries, above resident=2) and the one being read, in the
+    # loaded tensors' own sizes.
+    assert lazy_resident_mb(lazy, list(lazy)) == pytest.approx(sum(sizes[:5]), rel=1e-9)
+    assert lazy_resident_mb(eager, list(eager)) == 0  # held sets are in the memory held before the run
 
 
 @pytest.mark.parametrize("layout", ["dictionary_learning", "saelens", "gemma_scope"])
