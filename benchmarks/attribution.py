@@ -32,7 +32,10 @@ Prints one JSON object. Usage: ``python benchmarks/attribution.py --json``.
 - ``peak_rss_mb_F<width>_lazy``: the run again with the dictionaries saved to disk
   first and kept there (:class:`~attribution.dictionaries.sets.LazyDictionarySet`,
   at most 4 held), with its own estimate, the number of dictionary reads, and how
-  far its results are from the run with the dictionaries held.
+  far its results are from the run with the dictionaries held;
+  ``peak_rss_mb_F<width>_from_files``: with all of them loaded from those files
+  first, as research code loads dictionaries (the other runs build them in the
+  process, which leaves the heap fragmented).
 
 Run it from the repository root with the repository on the path
 (``PYTHONPATH=. python benchmarks/attribution.py --scale --json``).
@@ -225,16 +228,18 @@ def max_rel_diff(batched, looped) -> float:
     return worst
 
 
-def _fixture(width: int, pairs: int, seq: int, l0: float, folder: str | None = None):
+def _fixture(width: int, pairs: int, seq: int, l0: float, folder: str | None = None, held: bool = False):
     """The model, prompts, metric and dictionaries; with ``folder``, the dictionaries saved there
-    before (phase ``save``) and kept on disk, at most 4 in memory."""
+    before (phase ``save``) and kept on disk, at most 4 in memory, or with ``held`` all loaded
+    from there, as a user's code loads them."""
     model = pythia_shaped()
     clean, patch, metric = prompt_pairs(pairs, seq)
     sites = model.all_sites()
     if folder is not None:
         from attribution.dictionaries.sets import LazyDictionarySet
 
-        return model, clean, patch, metric, LazyDictionarySet({s.name: Path(folder) / s.name for s in sites})
+        lazy = LazyDictionarySet({s.name: Path(folder) / s.name for s in sites})
+        return model, clean, patch, metric, {n: lazy[n] for n in lazy} if held else lazy
     acts = tracing.run(model, model.tokenize(clean), sites, None, torch.arange(len(clean))).acts
     dicts = {s.name: calibrate_sparsity(random_sae(s.d, width, seed=i), acts[s.name], l0)
              for i, s in enumerate(sites)}
@@ -242,7 +247,7 @@ def _fixture(width: int, pairs: int, seq: int, l0: float, folder: str | None = N
 
 
 def peak_run(width: int, pairs: int, seq: int, l0: float, threshold: float | None, phase: str,
-             mmap: bool = False, folder: str | None = None) -> dict:
+             mmap: bool = False, folder: str | None = None, held: bool = False) -> dict:
     """One of the fresh processes a width gets (so that none sees another's memory):
 
     - ``threshold``: the node threshold that selects about 3000 downstream nodes, chosen on
@@ -251,7 +256,8 @@ def peak_run(width: int, pairs: int, seq: int, l0: float, threshold: float | Non
     - ``run``: IG nodes and default edges, timed, with the process's peak resident set;
       ``mmap``: after :func:`attribution.memory.mmap_large_allocations`, as the CLI runs;
     - ``save``: the dictionaries saved into ``folder``; ``run`` (and ``estimate``) with
-      ``folder`` then keep them on disk (:class:`~attribution.dictionaries.sets.LazyDictionarySet`).
+      ``folder`` then keep them on disk (:class:`~attribution.dictionaries.sets.LazyDictionarySet`),
+      or with ``held`` load them all from there first.
     """
     from attribution.estimate import dictionaries_mb, estimate
 
@@ -262,7 +268,7 @@ def peak_run(width: int, pairs: int, seq: int, l0: float, threshold: float | Non
         for name, sae in dicts.items():
             save_dictionary(sae, Path(folder) / name)
         return {"saved": folder}
-    model, clean, patch, metric, dicts = _fixture(width, pairs, seq, l0, folder)
+    model, clean, patch, metric, dicts = _fixture(width, pairs, seq, l0, folder, held)
     kw = dict(progress=False, metric_positions="last")
     if phase == "threshold":
         atp = node_effects(model, dicts, clean, patch, metric, method="attrib", **kw)
@@ -290,7 +296,8 @@ def peak_run(width: int, pairs: int, seq: int, l0: float, threshold: float | Non
     checksum_edges = sum(e.weight.abs().sum().item() for e in ee.pairs.values())
     return {
         "width": width, "pairs": pairs, "node_threshold": threshold, "mmap_large_allocations": mmap,
-        "dictionaries_on_disk": folder is not None, "dictionary_loads": getattr(dicts, "loads", None),
+        "dictionaries_on_disk": folder is not None and not held, "dictionaries_from_files": folder is not None,
+        "dictionary_loads": getattr(dicts, "loads", None),
         "node_effects_abs_sum": checksum, "edge_weights_abs_sum": checksum_edges,
         "dictionary_weights_mb": round(dictionaries_mb(dicts), 1),
         "nodes_s": round(t_nodes, 3), "edges_s": round(t_edges, 3),
@@ -341,11 +348,12 @@ def main() -> None:
                         help=argparse.SUPPRESS)
     parser.add_argument("--mmap", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--held", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     if args.peak_run:
         print(json.dumps(peak_run(args.width, args.pairs, args.seq, args.l0, args.node_threshold, args.peak_phase,
-                                  args.mmap, args.folder)))
+                                  args.mmap, args.folder, args.held)))
         return
     if args.scale_only:
         print(json.dumps(scale_fields(args), indent=2))
@@ -426,9 +434,10 @@ def scale_fields(args) -> dict:
                 "--seq", str(args.seq), "--l0", str(args.l0)]
 
         def fresh(phase: str, threshold: float | None, mmap: bool = False, folder: str | None = None,
-                  base=base) -> dict:
+                  held: bool = False, base=base) -> dict:
             cmd = base + ["--peak-phase", phase] + ([] if threshold is None else ["--node-threshold", str(threshold)])
             cmd += (["--mmap"] if mmap else []) + ([] if folder is None else ["--folder", folder])
+            cmd += ["--held"] if held else []
             return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
 
         threshold = args.node_threshold
@@ -441,6 +450,9 @@ def scale_fields(args) -> dict:
             fresh("save", None, folder=folder)
             est_lazy = fresh("estimate", threshold, folder=folder)["estimate"]
             run_lazy = fresh("run", threshold, folder=folder)
+            run_files = fresh("run", threshold, folder=folder, held=True)
+        out[f"peak_rss_mb_F{width}_from_files"] = run_files["peak_rss_mb"]
+        out[f"run_F{width}_from_files"] = run_files
         run_lazy["estimate"] = est_lazy
         run_lazy["estimate_rel_err_peak_mb"] = round(
             abs(est_lazy["peak_mb"] - run_lazy["peak_rss_mb"]) / run_lazy["peak_rss_mb"], 3)
