@@ -117,10 +117,13 @@ class SAE(Dictionary):
         self.activation: Activation = activation
         self.k = k
         self.subtract_decoder_bias = subtract_decoder_bias
-        self.W_enc = nn.Parameter(W_enc.detach().clone(), requires_grad=False)
-        self.b_enc = nn.Parameter(b_enc.detach().clone(), requires_grad=False)
-        self._W_dec = nn.Parameter(W_dec.detach().clone(), requires_grad=False)
-        self._b_dec = nn.Parameter(b_dec.detach().clone(), requires_grad=False)
+        # Own, row-major copies: a file may store the transposes (dictionary_learning's
+        # decoder.weight is [d, F]), and the edges gather rows of W_dec, which a
+        # transposed layout made twice as slow (F = 32,768).
+        def own(t: Tensor) -> nn.Parameter:
+            return nn.Parameter(t.detach().clone(memory_format=torch.contiguous_format), requires_grad=False)
+
+        self.W_enc, self.b_enc, self._W_dec, self._b_dec = own(W_enc), own(b_enc), own(W_dec), own(b_dec)
         thr = threshold if threshold is not None else torch.zeros(0)
         self.register_buffer("threshold", thr.detach().clone())
 
