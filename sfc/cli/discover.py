@@ -101,7 +101,7 @@ def _job(args) -> int:
     for label, neurons, folder in runs:
         dicts = load_dictionaries(
             model, args.dictionaries, sites=args.sites, neurons=neurons,
-            lazy=args.resident_dictionaries is not None, resident=args.resident_dictionaries or 1,
+            lazy=args.resident_dictionaries is not None, resident=args.resident_dictionaries or 4,  # 4: unused unless lazy
             dtype=getattr(torch, args.dictionary_dtype) if args.dictionary_dtype else None,
         )
         check_start_layer(model, dicts, start_layer, args.start_layer is not None)
