@@ -28,7 +28,7 @@ from pathlib import Path
 JOB = ["discover", "--model", "smollm2-135m", "--task", "across_rc", "--examples", "32"]
 
 
-def sfc(args: list[str]) -> tuple[dict, dict]:
+def run_sfc(args: list[str]) -> tuple[dict, dict]:
     """Run ``sfc ARGS --json`` in a fresh process: its JSON output, and wall/CPU seconds and load."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     load = open("/proc/loadavg").read().split()[:3]
@@ -46,8 +46,8 @@ def sfc(args: list[str]) -> tuple[dict, dict]:
 def compare(extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="sfc-main-job-") as tmp:
         out = str(Path(tmp) / "run")
-        est, est_cost = sfc(JOB + ["--out", out, "--estimate"] + extra)
-        run, run_cost = sfc(JOB + ["--out", out] + extra)
+        est, est_cost = run_sfc(JOB + ["--out", out, "--estimate"] + extra)
+        run, run_cost = run_sfc(JOB + ["--out", out] + extra)
     measured = {"nodes_s": run["timings"]["nodes_s"], "edges_s": run["timings"]["edges_s"],
                 "peak_mb": run["peak_mb"]}
     predicted = {k: est[k] for k in measured}

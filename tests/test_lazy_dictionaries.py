@@ -66,7 +66,7 @@ def test_lazy_dictionaries_give_exact_effects_holding_only_a_few(saved, monkeypa
     live, counts = watch_live(monkeypatch)
     dicts = load_dictionaries(model, folder, lazy=True, resident=2)
     n_sites = len(dicts)
-    assert dicts.held() == [] and len(live) == 0  # opening reads headers only
+    assert dicts.resident_sites() == [] and len(live) == 0  # opening reads headers only
 
     ig = node_effects(model, dicts, clean, patch, metric, method="ig", steps=32, ig_points="midpoint",
                       progress=False)

@@ -16,13 +16,15 @@ from __future__ import annotations
 import json
 import zipfile
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 
 from attribution.cache import atomic_save_torch, atomic_write_bytes
 from attribution.dictionaries.kinds import SAE, Dictionary, Identity
+
+Layout = Literal["dictionary_learning", "saelens", "gemma_scope"]
 
 
 class DictionaryFileError(ValueError):
@@ -219,51 +221,64 @@ def _header_of(shapes: dict[str, tuple[tuple[int, ...], int]], enc: str, transpo
     return Header(int(d), int(width), numel, max(size for _, size in shapes.values()))
 
 
+def _layout(path: Path) -> tuple[Layout, Path]:
+    """The layout of the dictionary at ``path`` and the file or folder its loader reads;
+    one sentence for a missing path or an unknown layout."""
+    if not path.exists():
+        raise DictionaryFileError(f"No dictionary at {path}: build it with `sfc dictionaries build` or fix the path.")
+    if path.suffix == ".npz":
+        return "gemma_scope", path
+    if (path / "ae.pt").exists():
+        return "dictionary_learning", path
+    if (path / "sae_weights.safetensors").exists():
+        return "saelens", path
+    if (path / "params.npz").exists():
+        return "gemma_scope", path / "params.npz"
+    raise DictionaryFileError(
+        f"{path} holds no known dictionary layout (ae.pt + config.json, cfg.json + "
+        "sae_weights.safetensors, or params.npz)."
+    )
+
+
 def read_header(path: str | Path) -> Header:
     """The :class:`Header` of the dictionary at ``path`` (any layout :func:`load_dictionary`
     reads), from the files' headers only: no weight is read into memory."""
     if isinstance(path, str) and path.startswith("identity:"):
         d = int(path.split(":", 1)[1])
         return Header(d, d, 0, 4)
-    path = Path(path)
-    npz = path if path.suffix == ".npz" else path / "params.npz"
+    layout, where = _layout(Path(path))
     try:
-        if (path / "ae.pt").exists():
-            state = torch.load(path / "ae.pt", map_location="cpu", weights_only=True, mmap=True)
+        if layout == "dictionary_learning":
+            state = torch.load(where / "ae.pt", map_location="cpu", weights_only=True, mmap=True)
             shapes = {k: (tuple(v.shape), v.element_size()) for k, v in state.items()
                       if isinstance(v, torch.Tensor) and v.is_floating_point()}
             enc = "W_enc" if "W_enc" in shapes else "encoder.weight"
-            return _header_of(shapes, enc, enc == "encoder.weight", path)
-        if (path / "sae_weights.safetensors").exists():
+            return _header_of(shapes, enc, enc == "encoder.weight", where)
+        if layout == "saelens":
             from safetensors import safe_open
 
-            with safe_open(str(path / "sae_weights.safetensors"), framework="pt") as fh:
+            with safe_open(str(where / "sae_weights.safetensors"), framework="pt") as fh:
                 shapes = {}
                 for k in fh.keys():
                     sl = fh.get_slice(k)
                     shapes[k] = (tuple(sl.get_shape()), torch.empty(0, dtype=_SAFETENSORS_DTYPES.get(
                         sl.get_dtype(), torch.float32)).element_size())
-            return _header_of(shapes, "W_enc", False, path)
-        if npz.exists():
-            shapes = {}
-            with zipfile.ZipFile(npz) as zf:
-                for name in zf.namelist():
-                    with zf.open(name) as fh:
-                        major, _ = np.lib.format.read_magic(fh)
-                        read = np.lib.format.read_array_header_1_0 if major == 1 else \
-                            np.lib.format.read_array_header_2_0
-                        shape, _, _ = read(fh)
-                    shapes[name.removesuffix(".npy")] = (shape, 4)  # read as float32
-            return _header_of(shapes, "W_enc", False, npz)
+            return _header_of(shapes, "W_enc", False, where)
+        shapes = {}
+        with zipfile.ZipFile(where) as zf:
+            for name in zf.namelist():
+                with zf.open(name) as fh:
+                    major, _ = np.lib.format.read_magic(fh)
+                    read = np.lib.format.read_array_header_1_0 if major == 1 else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, _ = read(fh)
+                shapes[name.removesuffix(".npy")] = (shape, 4)  # read as float32
+        return _header_of(shapes, "W_enc", False, where)
     except DictionaryFileError:
         raise
     except Exception as exc:  # truncated or foreign files
-        raise DictionaryFileError(f"Cannot read the dictionary headers in {path} ({type(exc).__name__}); "
+        raise DictionaryFileError(f"Cannot read the dictionary headers in {where} ({type(exc).__name__}); "
                                   "it is corrupt: rebuild or re-download it.") from None
-    raise DictionaryFileError(
-        f"{path} holds no known dictionary layout (ae.pt + config.json, cfg.json + "
-        "sae_weights.safetensors, or params.npz)."
-    )
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -280,21 +295,11 @@ def load_dictionary(path: str | Path, *, check_finite: bool = True) -> Dictionar
 
     ``"identity:D"`` returns :class:`Identity` of width ``D``.
     """
-    finite = _finite if check_finite else (lambda sae, path: sae)
     if isinstance(path, str) and path.startswith("identity:"):
         return Identity(int(path.split(":", 1)[1]))
     path = Path(path)
-    if not path.exists():
-        raise DictionaryFileError(f"No dictionary at {path}: build it with `sfc dictionaries build` or fix the path.")
-    if path.suffix == ".npz":
-        return finite(_load_gemma_scope(path), path)
-    if (path / "ae.pt").exists():
-        return finite(_load_dictionary_learning(path), path)
-    if (path / "sae_weights.safetensors").exists():
-        return finite(_load_saelens(path), path)
-    if (path / "params.npz").exists():
-        return finite(_load_gemma_scope(path / "params.npz"), path)
-    raise DictionaryFileError(
-        f"{path} holds no known dictionary layout (ae.pt + config.json, cfg.json + "
-        "sae_weights.safetensors, or params.npz)."
-    )
+    layout, where = _layout(path)
+    loader = {"dictionary_learning": _load_dictionary_learning, "saelens": _load_saelens,
+              "gemma_scope": _load_gemma_scope}[layout]
+    sae = loader(where)
+    return _finite(sae, path) if check_finite else sae

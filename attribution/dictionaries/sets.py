@@ -57,18 +57,20 @@ def placed(
 
 class LazyDictionarySet(Mapping[str, Dictionary]):
     """``{site name: dictionary}`` whose dictionaries stay on disk until the engine asks
-    for one; at most ``resident`` are held at once (the least recently used is dropped).
+    for one; at most ``resident`` are in memory at once (the least recently used is dropped).
 
     The engine works on one site at a time (its states, its node effects, the edges
     into it from the adjacent sites; an evaluation's forward pass splices the sites in
     order), so the weights need never be all in memory. Each request for a site not
-    held reads its files again: fast from the page cache, and counted in ``loads_of``
+    in memory reads its files again: fast from the page cache, and counted in ``loads_of``
     (per site) and ``loads`` (in all).
     Shapes (``shape``, ``nbytes``) come from the files' headers without loading.
     ``dtype`` and ``device`` (one device, or ``{site: device}`` to put each dictionary
     beside its site's block in a model spread over devices), where given, apply to
     each dictionary as it is loaded.
-    Like :class:`DictionarySet` it has ``ids``, ``folders`` and ``metadata``.
+    ``headers`` (:func:`~attribution.dictionaries.formats.read_header` of each folder)
+    are read here unless given. Like :class:`DictionarySet` it has ``ids``, ``folders``
+    and ``metadata``.
     """
 
     def __init__(
@@ -79,28 +81,29 @@ class LazyDictionarySet(Mapping[str, Dictionary]):
         resident: int = 4,
         dtype: torch.dtype | None = None,
         device: Device | Mapping[str, Device] | None = None,
+        headers: Mapping[str, Header] | None = None,
     ) -> None:
         if resident < 1:
             raise ValueError(f"resident={resident}: a lazy dictionary set must hold at least one dictionary.")
         self.folders = {name: Path(folder) for name, folder in folders.items()}
         self.ids = dict(ids) if ids is not None else {name: str(f) for name, f in self.folders.items()}
         self.resident, self.dtype, self.device = resident, dtype, device
-        self.headers: dict[str, Header] = {name: read_header(f) for name, f in self.folders.items()}
+        self.headers = {name: (headers or {}).get(name) or read_header(f) for name, f in self.folders.items()}
         self.loads_of: dict[str, int] = {}
-        self._held: OrderedDict[str, Dictionary] = OrderedDict()
+        self._cache: OrderedDict[str, Dictionary] = OrderedDict()  # least recently used first
 
     def __getitem__(self, name: str) -> Dictionary:
         if name not in self.folders:
             raise KeyError(name)
-        dictionary = self._held.pop(name, None)
+        dictionary = self._cache.pop(name, None)
         if dictionary is None:
-            while len(self._held) >= self.resident:  # drop before loading: never resident + 1 held here
-                self._held.popitem(last=False)
+            while len(self._cache) >= self.resident:  # drop before loading: never resident + 1 here
+                self._cache.popitem(last=False)
             # Weights are scanned for NaN or infinity on the first read only.
             loaded = load_dictionary(self.folders[name], check_finite=name not in self.loads_of)
             dictionary = placed(loaded, name, self.dtype, self.device)
             self.loads_of[name] = self.loads_of.get(name, 0) + 1
-        self._held[name] = dictionary
+        self._cache[name] = dictionary
         return dictionary
 
     def __iter__(self) -> Iterator[str]:
@@ -117,9 +120,9 @@ class LazyDictionarySet(Mapping[str, Dictionary]):
         """How many times a dictionary was read from disk, in all."""
         return sum(self.loads_of.values())
 
-    def held(self) -> list[str]:
+    def resident_sites(self) -> list[str]:
         """The sites whose dictionaries are in memory now, least recently used first."""
-        return list(self._held)
+        return list(self._cache)
 
     def shape(self, name: str) -> tuple[int, int]:
         """``(d, width)`` of ``name``'s dictionary, from its headers."""
@@ -189,8 +192,8 @@ def load_dictionaries(
         folders = cached_folders(model.name, sites, model=model)
         ids = {name: f"cache:{model.cache_key}/{name}" for name in folders}
     by_name = {s.name: s for s in model.all_sites()}
-    for name, path in folders.items():
-        header = read_header(path)
+    headers = {name: read_header(path) for name, path in folders.items()}
+    for name, header in headers.items():
         if header.d != by_name[name].d:
             raise ValueError(
                 f"The dictionary for site {name!r} expects size {header.d}, but {model.name}'s {name} has size "
@@ -200,6 +203,6 @@ def load_dictionaries(
         dicts = {name: Identity(by_name[name].d) for name in folders}
         return DictionarySet(dicts, {name: f"identity:{by_name[name].d}" for name in dicts}, {})
     if lazy:
-        return LazyDictionarySet(folders, ids, resident=resident, dtype=dtype, device=device)
+        return LazyDictionarySet(folders, ids, resident=resident, dtype=dtype, device=device, headers=headers)
     dicts = {name: placed(load_dictionary(path), name, dtype, device) for name, path in folders.items()}
     return DictionarySet(dicts, ids, folders)
